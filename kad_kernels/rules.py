@@ -1,0 +1,136 @@
+"""Deferral rules of DESIGN.md: which tokens of the base model's ``p`` are deferred to ``q*``.
+
+Every rule maps ``(p, q*)`` to a boolean vector ``d`` over the vocabulary; the mixture is
+``pi = p * (1 - d) + alpha * q*`` with ``alpha = sum(p * d)``. Rules are pure tensor code
+batched over any leading dimensions, so one call serves every request and draft position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kad_kernels.validation import check_param, check_rule
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule's one scalar parameter: its name, the paper's default and its valid range."""
+
+    name: str
+    param: str | None = None
+    default: float | None = None
+    low: float = 0.0
+    high: float = 1.0
+
+
+RULE_SPECS: dict[str, RuleSpec] = {
+    spec.name: spec
+    for spec in (
+        RuleSpec("base"),
+        RuleSpec("aligned"),
+        RuleSpec("nudging", "lam", 0.4),
+        RuleSpec("kad_dual", "lam", 0.4),
+        # mu = 0.36 puts the squared-loss threshold 1 - sqrt(mu) at the dual's 0.4.
+        RuleSpec("kad_squared", "mu", 0.36),
+        RuleSpec("kad_perceptron", "mu", 0.05),
+        RuleSpec("kad_zero_one"),
+        RuleSpec("kad_primal", "budget", 0.9),
+        RuleSpec("confidence_bet", "lam", 0.2),
+        RuleSpec("implicit_reward"),
+    )
+}
+
+RULES: tuple[str, ...] = tuple(RULE_SPECS)
+
+# Rows whose nucleus fits in this many top tokens skip the full vocabulary sort (kad_primal).
+_PRIMAL_TOPK = 64
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    return x.amax(dim=-1, keepdim=True)
+
+
+def _primal_deferral(p: torch.Tensor, budget: torch.Tensor, p_sum: torch.Tensor) -> torch.Tensor:
+    """Defer every token outside the top-k~ of ``p`` (ties with the k~-th token kept).
+
+    k~ is the smallest k whose tail mass (mass outside the top-k) is at most the budget,
+    i.e. the kept set is the nucleus of mass ``1 - budget``. Most rows need only a few top
+    tokens, so a partial ``topk`` decides them and only the remaining rows pay a full sort.
+    """
+    vocab = p.shape[-1]
+    flat = p.reshape(-1, vocab)
+    allowed_tail = (budget * p_sum).to(torch.float64).reshape(-1, 1)
+    total = p_sum.to(torch.float64).reshape(-1, 1)
+    k = min(vocab, _PRIMAL_TOPK)
+    top = flat.topk(k, dim=-1).values
+    threshold = _critical_value(top, total, allowed_tail)
+    unresolved = torch.isnan(threshold)
+    if bool(unresolved.any()):
+        rows = unresolved.nonzero(as_tuple=True)[0]
+        full = flat[rows].sort(dim=-1, descending=True).values
+        threshold[rows] = _critical_value(full, total[rows], allowed_tail[rows])
+    return p < threshold.reshape(*p.shape[:-1], 1)
+
+
+def _critical_value(
+    top_desc: torch.Tensor, total: torch.Tensor, allowed_tail: torch.Tensor
+) -> torch.Tensor:
+    """Value of the critical (k~-th) token per row; +inf defers all; NaN if outside ``top_desc``."""
+    cum = top_desc.to(torch.float64).cumsum(dim=-1)
+    tails = torch.cat([total, total - cum], dim=-1)  # tail mass outside the top-k, k = 0..K
+    k_crit = (tails > allowed_tail).sum(dim=-1)  # smallest k with tail <= budget
+    width = top_desc.shape[-1]
+    index = (k_crit - 1).clamp(0, width - 1).unsqueeze(-1)
+    value = top_desc.gather(-1, index).squeeze(-1).clone()
+    value[k_crit == 0] = float("inf")
+    value[k_crit > width] = float("nan")
+    return value.unsqueeze(-1)
+
+
+def deferral_from_probs(
+    p: torch.Tensor,
+    q_star: torch.Tensor,
+    rule: str,
+    param: torch.Tensor | None,
+    p_sum: torch.Tensor,
+    q_sum: torch.Tensor,
+) -> torch.Tensor:
+    """Deferral mask on validated float32 inputs (``param`` shaped ``[..., 1]``).
+
+    Thresholds are compared against normalised probabilities without materialising them:
+    ``p/p_sum < lam`` is evaluated as ``p < lam * p_sum``.
+    """
+    if rule == "base":
+        return torch.zeros_like(p, dtype=torch.bool)
+    if rule == "aligned":
+        return torch.ones_like(p, dtype=torch.bool)
+    if rule == "nudging":
+        return (_row_max(p) < param * p_sum).expand_as(p)
+    if rule == "kad_dual":
+        return p < param * p_sum
+    if rule == "kad_squared":
+        return p < (1.0 - param.sqrt()) * p_sum
+    if rule == "kad_perceptron":
+        return p < _row_max(p) - param * p_sum
+    if rule == "kad_zero_one":
+        return p < _row_max(p)
+    if rule == "kad_primal":
+        return _primal_deferral(p, param, p_sum)
+    if rule == "confidence_bet":
+        return p < (_row_max(q_star) / q_sum - param) * p_sum
+    raise ValueError(f"rule {rule!r} has no deferral vector (it is not a deferral rule)")
+
+
+def resolve_param(rule: str, param: float | torch.Tensor | None, lead_shape: torch.Size,
+                  device: torch.device) -> torch.Tensor | None:
+    """Check ``rule``/``param`` and return the parameter as float32 ``[..., 1]`` (or None)."""
+    spec = RULE_SPECS[check_rule(rule, RULES)]
+    if spec.param is None:
+        if param is not None:
+            raise ValueError(f"rule {rule!r} takes no parameter, got {param!r}")
+        return None
+    if param is None:
+        raise ValueError(f"rule {rule!r} needs its parameter {spec.param!r}")
+    return check_param(param, spec.param, spec.low, spec.high, lead_shape, device)

@@ -1,0 +1,64 @@
+"""Per-request alignment settings (the ``kad`` object) shared by the config file and the API.
+
+Validated here, before anything reaches the engine, so a bad rule or parameter is a clear
+400 for its own request and never an error inside a batched engine step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from kad_kernels.rules import RULE_SPECS, RULES
+
+PARAM_NAMES = ("lam", "mu", "budget")
+
+
+class AlignmentSettings(BaseModel):
+    """``{"rule": "kad_dual", "lam": 0.4}``: a rule and, if it has one, its parameter by name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rule: str
+    lam: float | None = None
+    mu: float | None = None
+    budget: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> AlignmentSettings:
+        if self.rule not in RULE_SPECS:
+            raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
+        spec = RULE_SPECS[self.rule]
+        given = {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
+        foreign = sorted(set(given) - {spec.param})
+        if foreign:
+            takes = f"takes {spec.param!r}" if spec.param else "takes no parameter"
+            raise ValueError(f"rule {self.rule!r} {takes}, got {', '.join(map(repr, foreign))}")
+        if spec.param is None:
+            return self
+        if spec.param not in given:
+            raise ValueError(f"rule {self.rule!r} needs its parameter {spec.param!r}")
+        value = given[spec.param]
+        if not spec.low <= value <= spec.high:
+            raise ValueError(
+                f"parameter {spec.param!r} of rule {self.rule!r} must lie in "
+                f"[{spec.low}, {spec.high}], got {value}"
+            )
+        return self
+
+    @property
+    def param(self) -> float | None:
+        """The rule's parameter value (None for parameterless rules)."""
+        name = RULE_SPECS[self.rule].param
+        return None if name is None else getattr(self, name)
+
+    def as_extra_args(self) -> dict[str, Any]:
+        """What travels to the engine with the request (``SamplingParams.extra_args['kad']``)."""
+        return {"rule": self.rule, "param": self.param}
+
+    @classmethod
+    def paper_default(cls, rule: str) -> AlignmentSettings:
+        """The rule with the paper's default parameter (for configs and benchmarks)."""
+        spec = RULE_SPECS[rule]
+        return cls(rule=rule, **({spec.param: spec.default} if spec.param else {}))

@@ -1,0 +1,104 @@
+"""The server's YAML config, validated by pydantic so a bad file fails with a clear message.
+
+One file describes a model pair (large base target ``p``, small aligned draft ``q*``), the
+vLLM engine around it, the default alignment rule and the HTTP server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.alignment import AlignmentSettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelPair(_Strict):
+    target: str = Field(description="large base model p (path to a Hugging Face model directory)")
+    draft: str = Field(description="small aligned model q* with the same tokenizer")
+    served_model_name: str = "kad"
+    # The aligned model's tokenizer owns the chat template; the base model sees the same ids.
+    tokenizer: str | None = None
+
+
+class EngineSettings(_Strict):
+    num_speculative_tokens: int = Field(5, ge=1, le=16, description="gamma: drafts per step")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    draft_tensor_parallel_size: int | None = Field(None, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
+    max_model_len: int = Field(2048, ge=16)
+    max_num_seqs: int = Field(64, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    cpu_kv_cache_gib: float | None = Field(None, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    max_waiting_requests: int = Field(256, ge=1, description="queue bound; beyond it 503")
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+
+class ServeConfig(_Strict):
+    models: ModelPair
+    engine: EngineSettings = EngineSettings()
+    alignment: AlignmentSettings = AlignmentSettings(rule="kad_dual", lam=0.4)
+    server: ServerSettings = ServerSettings()
+    # Demo configs only: build the tiny random model pair into models.* if it is missing.
+    build_tiny_models: bool = False
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message says where."""
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        config = ServeConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"config {path} is invalid: {problems}") from exc
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: ServeConfig, base: Path) -> ServeConfig:
+    """Relative model paths are taken from the repository root when they exist there, else
+    relative to the config file, so `configs/tiny-cpu.yaml` works from the checkout."""
+    def resolve(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        for root in (Path.cwd(), base, base.parent):
+            candidate = root / value
+            if candidate.exists():
+                return str(candidate.resolve())
+        return str((Path.cwd() / value).resolve())
+
+    models = config.models.model_copy(update={
+        "target": resolve(config.models.target),
+        "draft": resolve(config.models.draft),
+        "tokenizer": resolve(config.models.tokenizer),
+    })
+    return config.model_copy(update={"models": models})
