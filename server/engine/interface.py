@@ -1,0 +1,123 @@
+"""The contract between the HTTP layer and the engine, free of vLLM types.
+
+The server (and its tests, with a fake engine) program against ``Engine``; the vLLM-backed
+implementation lives beside this module. Keeping vLLM out of this file keeps the HTTP layer
+testable without starting an engine and makes the pinned-vLLM surface small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from server.alignment import AlignmentSettings
+
+
+@dataclass
+class RequestStats:
+    """Alignment statistics of one request (or running totals over many).
+
+    ``alpha_sum``/``positions``: deferred mass summed over every verified draft position
+    (positions where ``pi`` was computed); ``deferred_positions``: those with ``alpha > 0``.
+    """
+
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    positions: int = 0
+    alpha_sum: float = 0.0
+    deferred_positions: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_alpha(self) -> float:
+        return self.alpha_sum / self.positions if self.positions else 0.0
+
+    @property
+    def deferred_share(self) -> float:
+        return self.deferred_positions / self.positions if self.positions else 0.0
+
+    def add(self, other: RequestStats) -> None:
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.emitted += other.emitted
+        self.positions += other.positions
+        self.alpha_sum += other.alpha_sum
+        self.deferred_positions += other.deferred_positions
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "emitted_tokens": self.emitted,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_deferred_mass": self.mean_alpha,
+            "deferred_share": self.deferred_share,
+        }
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What one generation needs besides the prompt; temperature 0 means greedy argmax of pi."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationChunk:
+    """A delta of one request's output; the last one has ``finished`` and ``stats`` set."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stats: RequestStats | None = None
+    prompt_tokens: int = 0
+
+
+class Engine(Protocol):
+    """What the server needs from an engine; ``server.engine`` provides the vLLM one."""
+
+    served_model_name: str
+    max_model_len: int
+    default_alignment: AlignmentSettings
+    tokenizer: Any  # Hugging Face tokenizer of the aligned model (owns the chat template)
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def errored(self) -> bool: ...
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingOptions,
+        alignment: AlignmentSettings,
+    ) -> AsyncIterator[GenerationChunk]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def num_unfinished_requests(self) -> int: ...
+
+    def totals(self) -> dict[str, RequestStats]:
+        """Running totals keyed by rule name, for /metrics."""
+        ...
+
+    async def shutdown(self) -> None: ...
+
+
+
+
+__all__ = ["Engine", "GenerationChunk", "RequestStats", "SamplingOptions"]
