@@ -93,6 +93,10 @@ class Engine(Protocol):
     default_alignment: AlignmentSettings
     tokenizer: Any  # Hugging Face tokenizer of the aligned model (owns the chat template)
 
+    async def start(self) -> None:
+        """Load models and start the engine (slow); ``ready`` turns True when it returns."""
+        ...
+
     @property
     def ready(self) -> bool: ...
 
@@ -116,8 +120,6 @@ class Engine(Protocol):
         ...
 
     async def shutdown(self) -> None: ...
-
-
 
 
 __all__ = ["Engine", "GenerationChunk", "RequestStats", "SamplingOptions"]
