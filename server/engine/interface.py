@@ -28,6 +28,7 @@ class RequestStats:
     positions: int = 0
     alpha_sum: float = 0.0
     deferred_positions: int = 0
+    inexact: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -48,6 +49,7 @@ class RequestStats:
         self.positions += other.positions
         self.alpha_sum += other.alpha_sum
         self.deferred_positions += other.deferred_positions
+        self.inexact += other.inexact
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +59,7 @@ class RequestStats:
             "acceptance_rate": self.acceptance_rate,
             "mean_deferred_mass": self.mean_alpha,
             "deferred_share": self.deferred_share,
+            "inexact_tokens": self.inexact,
         }
 
 

@@ -1,0 +1,302 @@
+"""The vLLM engine behind the server: target = large base model p, draft = aligned q*.
+
+vLLM's draft-model speculative decoding with probabilistic drafting gives the verification
+step the draft's full ``q*``; the plugin-installed hook (``vllm_patches``) turns the
+target into the mixture ``pi`` per request. This module builds the ``AsyncLLM``, encodes
+each request's alignment settings into ``SamplingParams.extra_args``, withholds the
+prompt's last token (so the first output token is verified against ``pi`` too), and joins
+vLLM's token stream with the hook's statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server.alignment import AlignmentSettings
+from server.config import ServeConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions
+from server.engine.stats_channel import ENDPOINT_ENV, StatsReceiver
+from server.engine.verification_hook import EXTRA_ARGS_KEY, RowStepStats
+
+logger = logging.getLogger(__name__)
+
+# How long a finished request waits for the hook's last step statistics to arrive.
+_STATS_WAIT_S = 5.0
+
+
+class HookNotActiveError(RuntimeError):
+    """The engine generated tokens but the verification hook reported nothing."""
+
+
+def engine_args(config: ServeConfig) -> Any:
+    """vLLM ``AsyncEngineArgs`` for a config (separate so tests and benchmarks reuse it)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    engine = config.engine
+    speculative: dict[str, Any] = {
+        "method": "draft_model",
+        "model": config.models.draft,
+        "num_speculative_tokens": engine.num_speculative_tokens,
+        "draft_sample_method": "probabilistic",
+    }
+    if engine.draft_tensor_parallel_size is not None:
+        speculative["draft_tensor_parallel_size"] = engine.draft_tensor_parallel_size
+    return AsyncEngineArgs(
+        model=config.models.target,
+        tokenizer=config.models.tokenizer or config.models.draft,
+        served_model_name=config.models.served_model_name,
+        speculative_config=speculative,
+        dtype=engine.dtype,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        pipeline_parallel_size=engine.pipeline_parallel_size,
+        distributed_executor_backend=engine.distributed_executor_backend,
+        # Headroom for the withheld prompt token and one step of drafts past the limit.
+        max_model_len=engine.max_model_len + engine.num_speculative_tokens + 2,
+        max_num_seqs=engine.max_num_seqs,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        enforce_eager=engine.enforce_eager,
+        seed=engine.seed,
+        disable_log_stats=True,
+    )
+
+
+class VllmEngine:
+    """``server.engine.interface.Engine`` on vLLM's ``AsyncLLM``."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.served_model_name = config.models.served_model_name
+        self.max_model_len = config.engine.max_model_len
+        self.default_alignment = config.alignment
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            config.models.tokenizer or config.models.draft
+        )
+        self._llm: Any = None
+        self._receiver: StatsReceiver | None = None
+        self._ready = False
+        self._live: dict[str, RequestStats] = {}
+        self._updated: dict[str, asyncio.Event] = {}
+        self._totals: dict[str, RequestStats] = defaultdict(RequestStats)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        endpoint = f"ipc://{tempfile.gettempdir()}/kad-stats-{uuid.uuid4().hex[:12]}.sock"
+        # Inherited by vLLM's engine-core and worker processes, where the hook sends.
+        os.environ[ENDPOINT_ENV] = endpoint
+        if self.config.engine.cpu_kv_cache_gib is not None:
+            os.environ.setdefault(
+                "VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.config.engine.cpu_kv_cache_gib)))
+            )
+        self._receiver = StatsReceiver(endpoint, self._on_stats)
+        self._receiver.start()
+        args = engine_args(self.config)
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        await self._check_hook_active()
+        self._ready = True
+        logger.info("engine ready: %s", self.served_model_name)
+
+    async def _check_hook_active(self) -> None:
+        """One short generation must produce hook statistics, else the plugin is not loaded."""
+        prompt = self.tokenizer.encode("The hook check.") or [0, 1]
+        options = SamplingOptions(max_tokens=2, temperature=1.0, seed=0, ignore_eos=True)
+        stats = None
+        async for chunk in self._generate(
+            f"kad-selfcheck-{uuid.uuid4().hex[:8]}", prompt, options,
+            AlignmentSettings(rule="aligned"), record=False,
+        ):
+            stats = chunk.stats or stats
+        if stats is None or stats.drafted == 0:
+            raise HookNotActiveError(
+                "the kad verification hook did not run in vLLM's engine process: is kad-serve "
+                "installed in this environment (its vllm.general_plugins entry point "
+                "'kad_verification_hook' must be visible to vLLM)?"
+            )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self.errored
+
+    @property
+    def errored(self) -> bool:
+        return self._llm is not None and bool(self._llm.errored)
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        if self._receiver is not None:
+            await self._receiver.close()
+            self._receiver = None
+
+    # -- statistics ------------------------------------------------------------------------
+    def _on_stats(self, step: list[RowStepStats]) -> None:
+        for row in step:
+            stats = self._live.get(row.request_id)
+            if stats is None:
+                continue
+            stats.add(RequestStats(
+                drafted=row.drafted, accepted=row.accepted, emitted=row.emitted,
+                positions=row.positions, alpha_sum=row.alpha_sum,
+                deferred_positions=row.deferred_positions, inexact=row.inexact,
+            ))
+            self._updated[row.request_id].set()
+
+    async def _settled_stats(self, request_id: str, generated: int) -> RequestStats:
+        """The request's stats once the hook has reported every generated token."""
+        stats, event = self._live[request_id], self._updated[request_id]
+        deadline = asyncio.get_running_loop().time() + _STATS_WAIT_S
+        while stats.emitted + stats.inexact < generated:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                logger.warning("stats of %s incomplete (%d of %d tokens)",
+                               request_id, stats.emitted, generated)
+                break
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                pass
+        return stats
+
+    def totals(self) -> dict[str, RequestStats]:
+        return dict(self._totals)
+
+    def num_unfinished_requests(self) -> int:
+        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingOptions,
+        alignment: AlignmentSettings,
+    ) -> AsyncIterator[GenerationChunk]:
+        return self._generate(request_id, prompt_token_ids, sampling, alignment, record=True)
+
+    def _sampling_params(
+        self, request_id: str, prompt: list[int], sampling: SamplingOptions,
+        alignment: AlignmentSettings, withhold: bool,
+    ) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        greedy = sampling.temperature == 0
+        mixes = alignment.rule != "base"
+        # Greedy-over-pi needs q*, which vLLM only computes for sampled requests: such
+        # requests run at temperature 1 and the hook targets the one-hot argmax of pi.
+        temperature = 1.0 if greedy and mixes else sampling.temperature
+        kad = {
+            "id": request_id,
+            "rule": alignment.rule,
+            "param": alignment.param,
+            "greedy": greedy and mixes,
+            "first_token": prompt[-1] if withhold else None,
+        }
+        return SamplingParams(
+            n=1,
+            temperature=temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy or not sampling.top_k else sampling.top_k,
+            seed=sampling.seed,
+            max_tokens=sampling.max_tokens + int(withhold),
+            ignore_eos=sampling.ignore_eos,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={EXTRA_ARGS_KEY: kad},
+        )
+
+    async def _generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingOptions,
+        alignment: AlignmentSettings,
+        record: bool,
+    ) -> AsyncIterator[GenerationChunk]:
+        from vllm.inputs import TokensPrompt
+
+        if self._llm is None:
+            raise RuntimeError("engine not started")
+        prompt = list(prompt_token_ids)
+        eos = self.tokenizer.eos_token_id
+        # The last prompt token is re-emitted by the hook as "output" 0, so that q* exists
+        # at the first real output position (see verification_hook).
+        withhold = len(prompt) >= 2 and prompt[-1] != eos
+        vllm_prompt = prompt[:-1] if withhold else prompt
+        params = self._sampling_params(request_id, prompt, sampling, alignment, withhold)
+        self._live[request_id] = RequestStats()
+        self._updated[request_id] = asyncio.Event()
+        detok = IncrementalDetokenizer(self.tokenizer, tuple(sampling.stop))
+        to_skip = int(withhold)
+        generated = 0  # tokens vLLM produced for this request (after the withheld one)
+        finish_reason: str | None = None
+        finished_cleanly = False
+        try:
+            stream = self._llm.generate(
+                TokensPrompt(prompt_token_ids=vllm_prompt), params, request_id
+            )
+            async for output in stream:
+                completion = output.outputs[0]
+                new_ids = list(completion.token_ids)
+                if to_skip:
+                    dropped = min(to_skip, len(new_ids))
+                    new_ids, to_skip = new_ids[dropped:], to_skip - dropped
+                generated += len(new_ids)
+                kept: list[int] = []
+                text = ""
+                for token_id in new_ids:
+                    kept.append(token_id)
+                    text += detok.add([token_id])
+                    if detok.stopped:
+                        break
+                if detok.stopped:
+                    finish_reason = "stop"
+                elif output.finished:
+                    finish_reason = completion.finish_reason or "stop"
+                    text += detok.flush()
+                if finish_reason is not None:
+                    if not output.finished:
+                        await self._llm.abort(request_id)
+                    stats = await self._final_stats(request_id, generated, len(detok.token_ids))
+                    if record:
+                        self._totals[alignment.rule].add(stats)
+                    finished_cleanly = True
+                    yield GenerationChunk(
+                        kept, text, finished=True, finish_reason=finish_reason,
+                        stats=stats, prompt_tokens=len(prompt),
+                    )
+                    return
+                if kept or text:
+                    yield GenerationChunk(kept, text, prompt_tokens=len(prompt))
+        finally:
+            if not finished_cleanly and self._llm is not None:
+                await self._llm.abort(request_id)
+            self._live.pop(request_id, None)
+            self._updated.pop(request_id, None)
+
+    async def _final_stats(self, request_id: str, generated: int, returned: int) -> RequestStats:
+        stats = await self._settled_stats(request_id, generated)
+        # Tokens vLLM or a stop string cut off after verification are not returned.
+        return RequestStats(
+            drafted=stats.drafted,
+            accepted=min(stats.accepted, returned),
+            emitted=min(stats.emitted, returned),
+            positions=stats.positions,
+            alpha_sum=stats.alpha_sum,
+            deferred_positions=stats.deferred_positions,
+            inexact=stats.inexact,
+        )

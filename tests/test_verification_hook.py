@@ -1,0 +1,120 @@
+"""The hook's tensor logic without vLLM: pi in the target logits, token fix-ups, stats."""
+
+from __future__ import annotations
+
+import torch
+
+from kad_kernels import mix, mixture_stats
+from server.engine.verification_hook import (
+    PLACEHOLDER,
+    RowAlignment,
+    StepState,
+    finalize_step,
+    mix_target_logits,
+)
+
+VOCAB = 12
+
+
+def _probs(generator: torch.Generator, rows: int) -> torch.Tensor:
+    return torch.softmax(3 * torch.randn(rows, VOCAB, generator=generator), dim=-1)
+
+
+def _row(rule: str, param: float | None = None, **kw) -> RowAlignment:
+    return RowAlignment(request_id=f"r-{rule}", rule=rule, param=param, **kw)
+
+
+def test_from_extra_args_reads_settings_and_ignores_other_requests():
+    row = RowAlignment.from_extra_args(
+        {"kad": {"id": "a", "rule": "kad_dual", "param": 0.4, "greedy": True, "first_token": 7}}
+    )
+    assert row == RowAlignment("a", "kad_dual", 0.4, True, 7)
+    assert RowAlignment.from_extra_args(None) is None
+    assert RowAlignment.from_extra_args({"other": 1}) is None
+
+
+def test_target_logits_become_pi_per_row_and_rule():
+    gen = torch.Generator().manual_seed(0)
+    num_drafts = [2, 3, 1, 2]
+    rows = [_row("kad_dual", 0.4), _row("base"), None, _row("nudging", 0.7)]
+    tokens = sum(num_drafts)
+    logits = torch.randn(tokens, VOCAB, generator=gen) * 2
+    q_star = _probs(gen, tokens)
+    state = StepState(rows=rows)
+    out = mix_target_logits(logits, q_star, num_drafts, state)
+    owners = [0, 0, 1, 1, 1, 2, 3, 3]
+    for t, owner in enumerate(owners):
+        p = torch.softmax(logits[t], -1)
+        row = rows[owner]
+        if row is None or row.rule == "base":
+            assert torch.equal(out[t], logits[t])
+            assert state.alpha[t] == 0
+        else:
+            expected = mix(p, q_star[t], row.rule, row.param)
+            torch.testing.assert_close(torch.softmax(out[t], -1), expected, atol=1e-6, rtol=1e-5)
+            alpha = mixture_stats(p, q_star[t], row.rule, row.param).alpha
+            torch.testing.assert_close(state.alpha[t], alpha)
+    assert float(state.alpha.sum()) > 0  # the random rows do defer something
+
+
+def test_greedy_rows_target_the_argmax_of_pi_not_p():
+    # p prefers token 0; q* puts its mass on token 3 and everything of p is deferred.
+    logits = torch.tensor([[5.0, 4.9] + [0.0] * (VOCAB - 2)])
+    q_star = torch.zeros(1, VOCAB)
+    q_star[0, 3] = 1.0
+    state = StepState(rows=[_row("aligned", greedy=True)])
+    out = mix_target_logits(logits, q_star, [1], state)
+    assert int(out[0].argmax()) == 3
+    assert torch.isinf(out[0, 0]) and out[0, 0] < 0  # one-hot target: p's argmax impossible
+
+
+def test_no_draft_probs_leaves_logits_and_flags_rows():
+    logits = torch.randn(2, VOCAB)
+    state = StepState(rows=[_row("kad_dual", 0.4)])
+    out = mix_target_logits(logits, None, [2], state)
+    assert torch.equal(out, logits)
+    assert state.inexact_rows == {0}
+
+
+def _sampled(rows: list[list[int]], width: int) -> torch.Tensor:
+    return torch.tensor([r + [PLACEHOLDER] * (width - len(r)) for r in rows], dtype=torch.int32)
+
+
+def test_finalize_drops_bonus_for_mixing_rows_and_keeps_it_for_base():
+    rows = [_row("kad_dual", 0.4), _row("base"), _row("kad_dual", 0.4)]
+    state = StepState(rows=rows, num_draft_tokens=[3, 3, 3])
+    state.alpha = torch.tensor([0.5, 0.0, 0.25, 0, 0, 0, 0.1, 0.2, 0.3])
+    # row 0: all 3 accepted + bonus; row 1: all accepted + bonus; row 2: rejected at 2nd.
+    sampled = _sampled([[4, 5, 6, 9], [1, 2, 3, 8], [7, 11]], 4)
+    stats = finalize_step(sampled, torch.zeros(9 + 3, VOCAB), [3, 7, 11], [False] * 3, state)
+    assert sampled[0].tolist() == [4, 5, 6, PLACEHOLDER]
+    assert sampled[1].tolist() == [1, 2, 3, 8]
+    assert sampled[2].tolist() == [7, 11, PLACEHOLDER, PLACEHOLDER]
+    by_id = {(s.request_id, i): s for i, s in enumerate(stats)}
+    s0, s1, s2 = (by_id[(rows[i].request_id, i)] for i in range(3))
+    assert (s0.drafted, s0.accepted, s0.emitted, s0.positions) == (3, 3, 3, 3)
+    assert abs(s0.alpha_sum - 0.75) < 1e-6 and s0.deferred_positions == 2
+    assert (s1.drafted, s1.accepted, s1.emitted) == (3, 3, 4)
+    assert (s2.drafted, s2.accepted, s2.emitted, s2.positions) == (3, 1, 2, 2)
+    assert abs(s2.alpha_sum - 0.3) < 1e-6
+
+
+def test_finalize_forces_the_withheld_prompt_token_on_the_first_step():
+    rows = [_row("kad_dual", 0.4, first_token=42), _row("kad_dual", 0.4, first_token=43), None]
+    state = StepState(rows=rows, num_draft_tokens=[0, 0, 0])
+    sampled = torch.tensor([[5], [6], [7]], dtype=torch.int32)
+    stats = finalize_step(sampled, torch.zeros(3, VOCAB), None, [True, False, True], state)
+    assert sampled[:, 0].tolist() == [42, 6, 7]
+    # The forced token is not generated output; the unforced row-1 token came from p.
+    assert [(s.request_id, s.emitted, s.inexact) for s in stats] == [("r-kad_dual", 1, 1)]
+
+
+def test_finalize_greedy_plain_rows_take_the_argmax():
+    logits = torch.zeros(2, VOCAB)
+    logits[0, 9] = 3.0
+    logits[1, 2] = 3.0
+    rows = [_row("base", greedy=True), _row("base", greedy=True)]
+    state = StepState(rows=rows, num_draft_tokens=[0, 0])
+    sampled = torch.tensor([[1], [1]], dtype=torch.int32)
+    finalize_step(sampled, logits, None, [False, False], state)
+    assert sampled[:, 0].tolist() == [9, 2]
