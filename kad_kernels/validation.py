@@ -30,7 +30,8 @@ def check_param(
     if bool((value < low).any()) or bool((value > high).any()):
         raise ValueError(f"parameter {name!r} must lie in [{low}, {high}], got {param!r}")
     try:
-        torch.broadcast_shapes(value.shape, lead_shape)
+        if torch.broadcast_shapes(value.shape, lead_shape) != lead_shape:
+            raise RuntimeError("would enlarge the batch")
     except RuntimeError as exc:
         raise ValueError(
             f"parameter {name!r} of shape {tuple(value.shape)} does not broadcast to the "

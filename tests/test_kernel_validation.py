@@ -1,0 +1,68 @@
+"""Bad input to the kernels and to the alignment settings fails with a message naming it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from kad_kernels import deferral, mix, speculative_verify
+from server.alignment import AlignmentSettings
+
+P = torch.tensor([[0.5, 0.3, 0.2]])
+Q = torch.tensor([[0.2, 0.3, 0.5]])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: mix(P, Q, "no_such_rule"), "unknown rule"),
+        (lambda: mix(P, Q, "kad_dual"), "needs its parameter 'lam'"),
+        (lambda: mix(P, Q, "kad_dual", 1.5), "lam"),
+        (lambda: mix(P, Q, "kad_dual", -0.1), "lam"),
+        (lambda: mix(P, Q, "kad_primal", float("nan")), "budget"),
+        (lambda: mix(P, Q, "base", 0.3), "takes no parameter"),
+        (lambda: mix(P, Q, "kad_dual", torch.tensor([0.1, 0.2, 0.3])), "lam"),
+        (lambda: mix(P, torch.tensor([[0.5, 0.5]]), "aligned"), "shape"),
+        (lambda: mix(torch.tensor([[float("nan"), 0.5, 0.5]]), Q, "base"), "NaN"),
+        (lambda: mix(torch.tensor([[-0.1, 0.6, 0.5]]), Q, "base"), "negative"),
+        (lambda: mix(torch.tensor([[float("inf"), 0.5, 0.5]]), Q, "base"), "inf"),
+        (lambda: mix(torch.zeros(1, 3), Q, "base"), "zero"),
+        (lambda: mix(P, Q, "implicit_reward"), "q_base"),
+        (lambda: deferral(P, Q, "implicit_reward"), "no deferral vector"),
+        (lambda: speculative_verify(P.unsqueeze(0), Q.unsqueeze(0), torch.tensor([0])), "[B, G]"),
+        (lambda: speculative_verify(P.unsqueeze(0), Q.unsqueeze(0), torch.tensor([[3]])), "[0, 3)"),
+        (lambda: speculative_verify(P.unsqueeze(0), Q.unsqueeze(0), torch.tensor([[0.5]])),
+         "integer"),
+        (lambda: speculative_verify(P.expand(1, 4, 3), Q.unsqueeze(0), torch.tensor([[0]])),
+         "pi must have shape"),
+    ],
+)
+def test_kernel_errors_name_the_problem(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert message.lower() in str(error.value).lower()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"rule": "nope"}, "unknown rule 'nope'"),
+        ({"rule": "kad_dual"}, "needs its parameter 'lam'"),
+        ({"rule": "kad_dual", "budget": 0.5}, "takes 'lam'"),
+        ({"rule": "kad_dual", "lam": 2}, "must lie in [0.0, 1.0]"),
+        ({"rule": "base", "lam": 0.4}, "takes no parameter"),
+        ({"rule": "kad_dual", "lam": 0.4, "extra": 1}, "extra"),
+    ],
+)
+def test_alignment_settings_errors(settings, message):
+    with pytest.raises(ValidationError) as error:
+        AlignmentSettings(**settings)
+    assert message.lower() in str(error.value).lower()
+
+
+def test_alignment_settings_round_trip():
+    settings = AlignmentSettings(rule="kad_primal", budget=0.6)
+    assert settings.param == 0.6
+    assert settings.as_extra_args() == {"rule": "kad_primal", "param": 0.6}
+    assert AlignmentSettings.paper_default("kad_dual") == AlignmentSettings(rule="kad_dual", lam=0.4)
