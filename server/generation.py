@@ -1,0 +1,232 @@
+"""From a validated request to engine jobs, and from engine chunks to OpenAI responses.
+
+One HTTP request becomes ``len(prompts) * n`` engine requests ("choices"). They run as
+tasks feeding one queue, so a streaming response interleaves every choice's deltas as they
+come; cancelling the response (client gone, shutdown) cancels the tasks, and each task's
+engine generator aborts its engine request on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.alignment import AlignmentSettings
+from server.engine.interface import Engine, GenerationChunk, RequestStats, SamplingOptions
+from server.errors import APIError, error_body
+from server.metrics import ServerMetrics
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class Choice:
+    """One engine request of an HTTP request and what it produced so far."""
+
+    index: int
+    request_id: str
+    prompt_tokens: int
+    stream: AsyncIterator[GenerationChunk]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: RequestStats | None = None
+
+
+@dataclass
+class Job:
+    """Everything one HTTP generation request needs."""
+
+    kind: str  # "chat.completion" | "text_completion"
+    request_id: str
+    model: str
+    alignment: AlignmentSettings
+    choices: list[Choice]
+    include_usage: bool
+    prompt_lengths: list[int]
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: int,
+                  max_model_len: int, choice: int) -> SamplingOptions:
+    """The sampling options of one choice; 400 when the prompt or max_tokens do not fit."""
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {prompt_len} tokens, which leaves no room for a completion.",
+            "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            "context_length_exceeded",
+        )
+    requested = body.requested_max_tokens
+    if requested is not None and requested > room:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} for the completion). Please reduce the prompt or max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    return SamplingOptions(
+        max_tokens=requested if requested is not None else room,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+        seed=None if body.seed is None else body.seed + choice,
+        stop=body.stop_list,
+    )
+
+
+def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
+              prompts: list[list[int]], kind: str) -> Job:
+    """Submit every choice to the engine (errors in the settings surface here as 400)."""
+    alignment = body.kad or engine.default_alignment
+    prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    choices = []
+    plans = [
+        (p_index * body.n + i, prompt, plan_sampling(body, len(prompt), engine.max_model_len, i))
+        for p_index, prompt in enumerate(prompts) for i in range(body.n)
+    ]
+    for index, prompt, sampling in plans:
+        choice_id = f"{request_id}-{index}"
+        try:
+            stream = engine.generate(choice_id, prompt, sampling, alignment)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "kad") from exc
+        choices.append(Choice(index, choice_id, len(prompt), stream))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Job(kind, request_id, body.model, alignment, choices, include_usage,
+               [len(prompt) for prompt in prompts])
+
+
+def merged_stats(job: Job) -> dict[str, Any]:
+    total = RequestStats()
+    for choice in job.choices:
+        if choice.stats is not None:
+            total.add(choice.stats)
+    return {"rule": job.alignment.rule, "param": job.alignment.param, **total.as_dict()}
+
+
+def usage(job: Job) -> dict[str, int]:
+    """Token counts; each prompt counted once whatever ``n`` is, as OpenAI does."""
+    prompt_tokens = sum(job.prompt_lengths)
+    completion_tokens = sum(len(choice.token_ids) for choice in job.choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _pump(choice: Choice, queue: asyncio.Queue) -> None:
+    """Feed one choice's chunks into the shared queue; ``None`` chunk marks its end."""
+    try:
+        async for chunk in choice.stream:
+            choice.text += chunk.text
+            choice.token_ids += chunk.token_ids
+            if chunk.finished:
+                choice.finish_reason = chunk.finish_reason
+                choice.stats = chunk.stats
+            await queue.put((choice, chunk, None))
+    except Exception as exc:  # noqa: BLE001 - reported to the client, not swallowed
+        await queue.put((choice, None, exc))
+        return
+    await queue.put((choice, None, None))
+
+
+async def _events(job: Job, metrics: ServerMetrics, endpoint: str) -> AsyncIterator[tuple]:
+    """Chunks of every choice as they come; cancels the choices if the consumer leaves."""
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.create_task(_pump(choice, queue)) for choice in job.choices]
+    started = time.perf_counter()
+    first = True
+    try:
+        remaining = len(tasks)
+        while remaining:
+            choice, chunk, error = await queue.get()
+            if chunk is None:
+                remaining -= 1
+                if error is not None:
+                    raise error
+                continue
+            if first and chunk.token_ids:
+                metrics.first_token.labels(endpoint).observe(time.perf_counter() - started)
+                first = False
+            yield choice, chunk
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _record(job: Job, metrics: ServerMetrics) -> None:
+    metrics.prompt_tokens.inc(usage(job)["prompt_tokens"])
+    metrics.generation_tokens.labels(job.alignment.rule).inc(usage(job)["completion_tokens"])
+
+
+async def complete(job: Job, metrics: ServerMetrics, endpoint: str) -> dict[str, Any]:
+    """Run a non-streaming job to the end and build the response body."""
+    try:
+        async for _ in _events(job, metrics, endpoint):
+            pass
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise APIError(500, f"generation failed: {exc}") from exc
+    _record(job, metrics)
+    choices = []
+    for choice in sorted(job.choices, key=lambda c: c.index):
+        entry: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason,
+                                 "logprobs": None}
+        if job.kind == "chat.completion":
+            entry["message"] = {"role": "assistant", "content": choice.text}
+        else:
+            entry["text"] = choice.text
+        choices.append(entry)
+    return {"id": job.request_id, "object": job.kind, "created": job.created,
+            "model": job.model, "choices": choices, "usage": usage(job),
+            "kad": merged_stats(job)}
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def stream(job: Job, metrics: ServerMetrics, endpoint: str) -> AsyncIterator[str]:
+    """OpenAI server-sent events for a streaming job, ending with ``data: [DONE]``."""
+    chat = job.kind == "chat.completion"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk_body(index: int, delta: dict[str, Any] | str, finish: str | None) -> dict:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta
+        return {"id": job.request_id, "object": obj, "created": job.created,
+                "model": job.model, "choices": [choice]}
+
+    if chat:
+        for choice in job.choices:
+            yield _sse(chunk_body(choice.index, {"role": "assistant", "content": ""}, None))
+    try:
+        async for choice, chunk in _events(job, metrics, endpoint):
+            if chunk.text:
+                delta = {"content": chunk.text} if chat else chunk.text
+                yield _sse(chunk_body(choice.index, delta, None))
+            if chunk.finished:
+                yield _sse(chunk_body(choice.index, {} if chat else "", chunk.finish_reason))
+    except Exception as exc:  # noqa: BLE001 - the stream is open: report in-band
+        yield _sse(error_body(500, f"generation failed: {exc}"))
+        yield "data: [DONE]\n\n"
+        return
+    _record(job, metrics)
+    if job.include_usage:
+        yield _sse({"id": job.request_id, "object": obj, "created": job.created,
+                    "model": job.model, "choices": [], "usage": usage(job),
+                    "kad": merged_stats(job)})
+    yield "data: [DONE]\n\n"

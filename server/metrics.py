@@ -1,0 +1,73 @@
+"""Prometheus metrics: HTTP traffic, tokens, and the alignment statistics by rule.
+
+Each app owns its registry (tests run several apps in one process). Alignment totals are
+read from the engine at scrape time, so they always agree with the engine's own counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.engine.interface import RequestStats
+
+
+class _AlignmentCollector(Collector):
+    def __init__(self, totals: Callable[[], dict[str, RequestStats]]) -> None:
+        self._totals = totals
+
+    def collect(self):
+        totals = self._totals()
+        counters = {
+            "kad_drafted_tokens": ("Draft tokens proposed by the aligned model", "drafted"),
+            "kad_accepted_tokens": ("Draft tokens accepted by verification", "accepted"),
+            "kad_emitted_tokens": ("Tokens emitted by verification", "emitted"),
+            "kad_verified_positions": ("Positions where pi was sampled", "positions"),
+            "kad_deferred_positions": ("Positions where some mass was deferred", "deferred_positions"),
+            "kad_deferred_mass": ("Sum over positions of the deferred mass alpha", "alpha_sum"),
+            "kad_inexact_tokens": ("Tokens sampled from p because q* was missing", "inexact"),
+        }
+        for name, (doc, attr) in counters.items():
+            family = CounterMetricFamily(name, doc, labels=["rule"])
+            for rule, stats in totals.items():
+                family.add_metric([rule], float(getattr(stats, attr)))
+            yield family
+        rate = GaugeMetricFamily("kad_acceptance_rate", "accepted / drafted", labels=["rule"])
+        alpha = GaugeMetricFamily("kad_mean_deferred_mass", "mean alpha per position",
+                                  labels=["rule"])
+        for rule, stats in totals.items():
+            rate.add_metric([rule], stats.acceptance_rate)
+            alpha.add_metric([rule], stats.mean_alpha)
+        yield rate
+        yield alpha
+
+
+class ServerMetrics:
+    """The metrics of one server instance."""
+
+    def __init__(self, totals: Callable[[], dict[str, RequestStats]],
+                 running: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kad_http_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "kad_request_duration_seconds", "Time from request to last byte", ["endpoint"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.first_token = Histogram(
+            "kad_time_to_first_token_seconds", "Time from request to first token", ["endpoint"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.prompt_tokens = Counter("kad_prompt_tokens", "Prompt tokens processed",
+                                     registry=self.registry)
+        self.generation_tokens = Counter("kad_generation_tokens", "Tokens generated",
+                                         ["rule"], registry=self.registry)
+        running_gauge = Gauge("kad_requests_running", "Requests in the engine",
+                              registry=self.registry)
+        running_gauge.set_function(lambda: float(running()))
+        self.registry.register(_AlignmentCollector(totals))
