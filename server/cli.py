@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from server.config import ConfigError, ServeConfig, load_config
@@ -63,6 +64,9 @@ def run(config: ServeConfig, engine_factory=None, log_level: str = "info") -> in
         app, host=config.server.host, port=config.server.port, log_level=log_level,
         timeout_graceful_shutdown=config.server.shutdown_grace_s, access_log=False,
     ))
+    # uvicorn drains on SIGTERM, restores the previous handler and re-raises the signal;
+    # this handler turns that into a clean exit status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.run()
     return 0
 

@@ -80,6 +80,7 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
         top_k=body.top_k if body.top_k and body.top_k > 0 else None,
         seed=None if body.seed is None else body.seed + choice,
         stop=body.stop_list,
+        ignore_eos=body.ignore_eos,
     )
 
 

@@ -54,6 +54,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-text
     kad: AlignmentSettings | None = None
 
     @model_validator(mode="after")

@@ -65,7 +65,21 @@ class IncrementalDetokenizer:
         return ready
 
     def flush(self) -> str:
-        """At the end of generation: release held-back text (no stop string completed)."""
-        rest, self._pending = self._pending, ""
+        """At the end of generation: release held-back text (no stop string completed),
+        including a trailing incomplete UTF-8 sequence, decoded as replacement characters."""
+        if self.stopped:
+            return ""
+        prefix = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset:])
+        tail = full[len(prefix):] if full.startswith(prefix) else ""
+        self._prefix_offset = self._read_offset = len(self.token_ids)
+        rest = self._pending + tail
+        self._pending = ""
+        for stop in self.stop:  # the tail may complete a stop string
+            index = rest.find(stop)
+            if index >= 0:
+                self.stopped = True
+                rest = rest[:index]
+                break
         self.text += rest
         return rest
