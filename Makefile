@@ -8,7 +8,7 @@ VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo
 CONFIG ?= configs/tiny-cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast serve bench bench-kernels lint clean
+.PHONY: setup test test-fast serve bench bench-kernels bench-engine gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -31,13 +31,21 @@ test-fast: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m server --config $(CONFIG)
 
-bench: bench-kernels
+bench: bench-kernels bench-engine
 
 bench-kernels: $(STAMP)
-	$(BIN)/kad-bench kernels
+	$(BIN)/kad-bench kernels --json results/bench/kernels.json
+
+bench-engine: $(STAMP)
+	$(BIN)/kad-bench engine --json results/bench/engine.json
+
+# On a CUDA node with the project installed (CUDA vLLM): exactness + speed ratios.
+gpu-check: $(STAMP)
+	scripts/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check server kad_kernels bench tests
+	$(BIN)/hadolint --config .hadolint.yaml docker/Dockerfile docker/Dockerfile.cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,6 +9,8 @@ import sys
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS: dict[str, str] = {
     "kernels": "bench.kernels",
+    "engine": "bench.engine",
+    "serve": "bench.serve_bench",
 }
 
 

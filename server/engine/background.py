@@ -31,18 +31,29 @@ class Completion:
     total_s: float = 0.0
 
 
-class BackgroundEngine:
-    """Owns an event loop thread; ``run`` executes a coroutine there and waits for it."""
+class LoopThread:
+    """An event loop in a daemon thread; ``run`` executes a coroutine there and waits."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._counter = 0
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+class BackgroundEngine(LoopThread):
+    """An engine living on its own loop thread, driven from synchronous code."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+        self._counter = 0
 
     def start(self, timeout: float | None = None) -> None:
         self.run(self.engine.start(), timeout)
@@ -51,8 +62,7 @@ class BackgroundEngine:
         try:
             self.run(self.engine.shutdown(), timeout=120)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+            self.stop()
 
     def _next_id(self, prefix: str) -> str:
         self._counter += 1

@@ -1,0 +1,1 @@
+"""``kad-eval``: accuracy of a deployment on math and multiple-choice benchmarks."""
