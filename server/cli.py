@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", help="override server.host")
     parser.add_argument("--port", type=int, help="override server.port")
     parser.add_argument("--api-key", help="require this bearer key (or set KAD_API_KEY)")
+    parser.add_argument("--api-key-file", help="read the key from this file (docker secrets)")
     parser.add_argument("--tensor-parallel-size", type=int, help="override engine.tensor_parallel_size")
     parser.add_argument("--num-speculative-tokens", type=int, help="override engine gamma")
     parser.add_argument("--log-level", default="info",
@@ -37,6 +38,12 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
     if args.port is not None:
         raw["server"]["port"] = args.port
     api_key = args.api_key or os.environ.get("KAD_API_KEY")
+    if not api_key and args.api_key_file:
+        try:
+            with open(args.api_key_file) as handle:
+                api_key = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror}")
     if api_key:
         raw["server"]["api_key"] = api_key
     if args.tensor_parallel_size is not None:

@@ -1,0 +1,129 @@
+"""Deployment files checked without a docker engine: configs load, compose is well-formed
+for what it must do (GPUs, read-only models, secrets, health, profiles), Dockerfiles lint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+# The compose-spec keys this project may use (a subset of the Compose Specification).
+TOP_LEVEL = {"name", "services", "secrets", "volumes", "networks", "configs"}
+SERVICE_KEYS = {
+    "build", "image", "restart", "shm_size", "ipc", "ulimits", "volumes", "env_file",
+    "environment", "secrets", "stop_grace_period", "healthcheck", "command", "entrypoint",
+    "ports", "deploy", "profiles", "depends_on", "network_mode",
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_validates(path):
+    config = load_config(path)
+    assert config.engine.num_speculative_tokens >= 1
+    assert config.alignment.rule in {"kad_dual", "kad_primal", "nudging", "base"}
+
+
+def test_paper_pairs_use_the_paper_defaults():
+    for name in ("olmo2-1b-13b.yaml", "qwen3-1.7b-14b.yaml"):
+        config = load_config(REPO / "configs" / name)
+        assert config.alignment.rule == "kad_dual" and config.alignment.lam == 0.4
+        assert config.engine.num_speculative_tokens == 5 and config.engine.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("models: [1, 2]", "models"),
+    ("engine: {}", "models: Field required"),
+    ("models: {target: a, draft: b}\nengine: {gamma: 3}", "engine.gamma"),
+    ("models: {target: a, draft: b}\nalignment: {rule: nope}", "unknown rule"),
+    ("models: {target: a, draft: b}\nalignment: {rule: kad_dual, lam: 4}", "must lie in"),
+    ("models: {target: a, draft: b}\nengine: {tensor_parallel_size: 0}", "tensor_parallel_size"),
+    ("- just\n- a list", "must be a YAML mapping"),
+    ("models: {target: a, draft: b", "not valid YAML"),
+])
+def test_bad_configs_fail_with_clear_messages(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert message in str(error.value) and "bad.yaml" in str(error.value)
+
+
+def test_missing_config_file_and_cli_exit_code(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+    result = subprocess.run([sys.executable, "-m", "server", "--config", str(tmp_path / "x.yaml")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cannot read config" in result.stderr
+
+
+def _compose(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "ray/compose.two-node.yaml"])
+def test_compose_files_are_well_formed(name):
+    compose = _compose(REPO / "docker" / name)
+    assert set(k for k in compose if not k.startswith("x-")) <= TOP_LEVEL
+    for service_name, service in compose["services"].items():
+        assert set(service) <= SERVICE_KEYS, (service_name, set(service) - SERVICE_KEYS)
+        assert "image" in service or "build" in service
+        for secret in service.get("secrets", []):
+            assert secret in compose.get("secrets", {}), secret
+        for volume in service.get("volumes", []):
+            if "/models" in volume:
+                assert volume.endswith(":ro"), "models are mounted read-only"
+        command = service.get("command", [])
+        if "--config" in command:
+            assert (REPO / command[command.index("--config") + 1]).exists()
+        gpus = (service.get("deploy", {}).get("resources", {}).get("reservations", {})
+                .get("devices", []))
+        for device in gpus:
+            assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+            assert "count" in device
+        if gpus:
+            assert service.get("shm_size"), "NCCL needs a large /dev/shm"
+
+
+def test_compose_gpu_services_and_monitoring():
+    compose = _compose(REPO / "docker" / "compose.yaml")
+    services = compose["services"]
+    for name in ("olmo2", "qwen3"):
+        service = services[name]
+        assert service["restart"] == "unless-stopped"
+        assert "/health" in " ".join(service["healthcheck"]["test"])
+        assert "--tensor-parallel-size" in service["command"]
+        assert service["ports"] and "8000" in service["ports"][0]
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["cpu-demo"]["profiles"] == ["cpu"]
+    scrape = yaml.safe_load((REPO / "docker/prometheus/prometheus.yml").read_text())
+    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert {t.split(":")[0] for t in targets} == {"olmo2", "qwen3"}
+    assert scrape["scrape_configs"][0]["metrics_path"] == "/metrics"
+    env = (REPO / "docker/.env.example").read_text()
+    assert "KAD_TP_SIZE" in env and "KAD_MODELS_DIR" in env
+
+
+def _hadolint() -> str:
+    found = Path(sys.executable).parent / "hadolint"
+    return str(found) if found.exists() else (shutil.which("hadolint") or "hadolint")
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    result = subprocess.run(
+        [_hadolint(), "--config", str(REPO / ".hadolint.yaml"), str(REPO / "docker" / dockerfile)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (REPO / "docker" / dockerfile).read_text()
+    assert "HEALTHCHECK" in text and "/health" in text
+    assert 'ENTRYPOINT ["kad-serve"]' in text and "USER 10001" in text
