@@ -9,6 +9,7 @@ from kad_kernels.mixture import (
     acceptance_probability,
     deferral,
     mix,
+    mix_with_alpha,
     mixture_stats,
 )
 from kad_kernels.rules import RULE_SPECS, RULES, RuleSpec
@@ -23,6 +24,7 @@ __all__ = [
     "acceptance_probability",
     "deferral",
     "mix",
+    "mix_with_alpha",
     "mixture_stats",
     "probs_from_logits",
     "sample_rows",

@@ -57,12 +57,16 @@ def _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base):
     if rule == "implicit_reward":
         return _implicit_reward(p, q_star, q_base), None, None
     d = deferral_from_probs(p, q_star, rule, param_t, p_sum, q_sum)
-    kept = p.masked_fill(d, 0.0)
-    deferred = p_sum - kept.sum(dim=-1, keepdim=True)
-    # pi * p_sum = kept + deferred * q*/q_sum ; one fused multiply-add, one scale.
-    pi = torch.addcmul(kept, q_star, deferred / q_sum)
+    if rule in ("base", "aligned"):  # nothing / everything deferred: no mixing pass
+        source, total = (p, p_sum) if rule == "base" else (q_star, q_sum)
+        alpha = torch.zeros_like(p_sum) if rule == "base" else torch.ones_like(p_sum)
+        return source / total, d, alpha
+    pi = p.masked_fill(d, 0.0)  # the kept mass, in the output buffer
+    alpha = (1.0 - pi.sum(dim=-1, keepdim=True) / p_sum).clamp_(0.0, 1.0)
+    # pi = kept / p_sum + alpha * q* / q_sum, in place: one scale, one fused multiply-add.
     pi.div_(p_sum)
-    return pi, d, deferred / p_sum
+    pi.addcmul_(q_star, alpha / q_sum)
+    return pi, d, alpha
 
 
 def mix(
@@ -81,6 +85,21 @@ def mix(
     p, p_sum, q_star, q_sum, param_t, q_base = _prepare(p, q_star, rule, param, q_base)
     pi, _, _ = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base)
     return pi
+
+
+def mix_with_alpha(
+    p: torch.Tensor,
+    q_star: torch.Tensor,
+    rule: str,
+    param: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pi, alpha)``: the mixture and the deferred mass per row ``[...]``, without the
+    extra vocabulary passes of ``mixture_stats`` (what the serving hook needs)."""
+    p, p_sum, q_star, q_sum, param_t, _ = _prepare(p, q_star, rule, param, None)
+    if rule == "implicit_reward":
+        raise ValueError("rule 'implicit_reward' has no deferred mass (it reweights p by q*/q)")
+    pi, _, alpha = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, None)
+    return pi, alpha.squeeze(-1)
 
 
 def deferral(

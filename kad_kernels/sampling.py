@@ -42,5 +42,14 @@ def probs_from_logits(
 
 
 def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One categorical draw per row of ``[N, V]`` (rows need not be normalised)."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """One categorical draw per row of ``[N, V]`` (rows need not be normalised).
+
+    Inverse CDF: one float64 cumulative sum and a binary search per row, an order of
+    magnitude cheaper than ``multinomial`` or per-token random noise on a 150k vocabulary.
+    Zero-probability tokens are never picked (their CDF step is empty).
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    uniform = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=cdf.device,
+                         generator=generator)
+    index = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True)
+    return index.squeeze(-1).clamp_(max=probs.shape[-1] - 1)

@@ -53,22 +53,22 @@ def speculative_verify(
     has_bonus = _check_shapes(pi, q_star, draft_tokens)
     pi, pi_sum = as_probs(pi, "pi")
     q_star, q_sum = as_probs(q_star, "q_star")
-    pi = pi / pi_sum
-    q_star = q_star / q_sum
     batch, gamma = draft_tokens.shape
     device = pi.device
     draft = draft_tokens.long()
     greedy_rows = torch.as_tensor(greedy, dtype=torch.bool, device=device).expand(batch)
+    any_greedy = bool(greedy_rows.any())
     arange_b = torch.arange(batch, device=device)
 
     # Accept/reject every draft position at once; the first rejection ends the step.
-    pi_draft = pi[:, :gamma].gather(-1, draft.unsqueeze(-1)).squeeze(-1)
-    q_draft = q_star.gather(-1, draft.unsqueeze(-1)).squeeze(-1)
+    # Only the gathered entries are normalised: no pass over the whole vocabulary.
+    pi_draft = pi[:, :gamma].gather(-1, draft.unsqueeze(-1)).squeeze(-1) / pi_sum[:, :gamma, 0]
+    q_draft = q_star.gather(-1, draft.unsqueeze(-1)).squeeze(-1) / q_sum[..., 0]
     uniform = torch.rand(batch, gamma, device=device, generator=generator)
-    accept_random = uniform * q_draft < pi_draft  # u < min(1, pi/q*), without dividing by 0
-    argmax_pi = pi.argmax(dim=-1)  # [B, G or G+1]
-    accept_greedy = draft == argmax_pi[:, :gamma]
-    accepted = torch.where(greedy_rows.unsqueeze(-1), accept_greedy, accept_random)
+    accepted = uniform * q_draft < pi_draft  # u < min(1, pi/q*), without dividing by 0
+    argmax_pi = pi.argmax(dim=-1) if any_greedy else None  # [B, G or G+1]
+    if any_greedy:
+        accepted = torch.where(greedy_rows.unsqueeze(-1), draft == argmax_pi[:, :gamma], accepted)
     rejected = ~accepted
     any_rejected = rejected.any(dim=-1)
     num_accepted = torch.where(any_rejected, rejected.to(torch.uint8).argmax(dim=-1), gamma)
@@ -76,14 +76,18 @@ def speculative_verify(
     # One emitted token per row: residual at the first rejection, else the bonus from pi.
     emits = any_rejected | has_bonus
     pos = num_accepted.clamp(max=pi.shape[1] - 1)
-    pi_row = pi[arange_b, pos]
-    q_row = q_star[arange_b, num_accepted.clamp(max=max(gamma - 1, 0))] if gamma else pi_row
+    pi_row = pi[arange_b, pos] / pi_sum[arange_b, pos]
+    if gamma:
+        q_pos = num_accepted.clamp(max=gamma - 1)
+        q_row = q_star[arange_b, q_pos] / q_sum[arange_b, q_pos]
+    else:
+        q_row = pi_row
     residual = torch.where(any_rejected.unsqueeze(-1), (pi_row - q_row).clamp_min(0.0), pi_row)
     residual_mass = residual.sum(dim=-1, keepdim=True)
     dist = torch.where(residual_mass > _ZERO_RESIDUAL, residual, pi_row)
-    sampled = sample_rows(dist, generator)
-    greedy_token = argmax_pi[arange_b, pos]
-    emitted = torch.where(greedy_rows, greedy_token, sampled)
+    emitted = sample_rows(dist, generator)
+    if any_greedy:
+        emitted = torch.where(greedy_rows, argmax_pi[arange_b, pos], emitted)
 
     positions = torch.arange(gamma + 1, device=device)
     tokens = torch.full((batch, gamma + 1), -1, dtype=torch.long, device=device)

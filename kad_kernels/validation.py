@@ -58,8 +58,8 @@ def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
     x = x.float()
-    # One pass catches negatives and NaN (NaN >= 0 is False).
-    if not bool((x >= 0).all()):
+    # One reduction catches negatives and NaN (min propagates NaN; NaN >= 0 is False).
+    if x.numel() and not bool(x.amin() >= 0):
         if bool(torch.isnan(x).any()):
             raise ValueError(f"{name} contains NaN")
         raise ValueError(f"{name} contains negative probabilities")

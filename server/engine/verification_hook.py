@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from kad_kernels import mixture_stats
+from kad_kernels import mix_with_alpha
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: "no token at this position"
 EXTRA_ARGS_KEY = "kad"
+_DEFERRED = 1e-6  # a position "deferred something" above float rounding of alpha
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,7 @@ def mix_target_logits(
         param = None if params[0] is None else torch.tensor(params, device=device)
         p = torch.softmax(target_logits.index_select(0, index).float(), dim=-1)
         q_star = draft_probs.index_select(0, index).float()
-        stats = mixture_stats(p, q_star, rule, param)
-        pi = stats.pi
+        pi, alpha = mix_with_alpha(p, q_star, rule, param)
         greedy = torch.tensor(
             [state.rows[owners[t]].greedy for t in token_indices], device=device
         )
@@ -133,7 +133,6 @@ def mix_target_logits(
             one_hot = torch.zeros_like(pi).scatter_(-1, pi.argmax(-1, keepdim=True), 1.0)
             pi = torch.where(greedy.unsqueeze(-1), one_hot, pi)
         out.index_copy_(0, index, torch.log(pi).to(out.dtype))
-        alpha = torch.nan_to_num(stats.alpha, nan=0.0)
         state.alpha.index_copy_(0, index, alpha)
     return out
 
@@ -192,7 +191,7 @@ def finalize_step(
             emitted=emitted,
             positions=positions,
             alpha_sum=float(sum(row_alpha)),
-            deferred_positions=sum(1 for a in row_alpha if a > 0.0),
+            deferred_positions=sum(1 for a in row_alpha if a > _DEFERRED),
             inexact=inexact,
         ))
     return results
