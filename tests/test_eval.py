@@ -75,14 +75,19 @@ def test_loaders_on_sample_files():
     assert qa[0].gold == "4"
 
 
-def test_shared_data_loads():
+def test_task_files_found_through_the_data_dir(tmp_path, monkeypatch):
     from bench.eval.datasets import default_data_dir, load_task
 
-    data_dir = default_data_dir()
-    gsm = load_task("gsm8k", data_dir)
-    svamp = load_task("svamp", data_dir)
-    assert len(gsm) == 1319 and len(svamp) == 1000
-    assert gsm[0].gold == "18"
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text((DATA / "gsm8k_sample.jsonl").read_text())
+    (tmp_path / "svamp").mkdir()
+    (tmp_path / "svamp" / "SVAMP.json").write_text((DATA / "svamp_sample.json").read_text())
+    monkeypatch.setenv("KAD_EVAL_DATA_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path
+    assert [i.gold for i in load_task("gsm8k", default_data_dir())] == ["18", "1200"]
+    assert load_task("svamp", default_data_dir())[0].gold == "51"
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("nope", tmp_path)
 
 
 class FlakyEngine(FakeEngine):
