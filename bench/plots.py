@@ -1,11 +1,19 @@
-"""PNG plots of benchmark records (``kad-bench engine`` / ``kad-bench serve`` JSON).
+"""PNG plots of benchmark records (``kad-bench engine --json`` / ``kad-bench serve`` JSON).
 
-Records are dicts with ``system``, ``rule``, ``param``, ``gamma``, ``concurrency``,
-``tokens_per_s`` and ``acceptance_rate``.
+The record format both benchmarks write: a JSON list of dicts with ``system`` (e.g.
+``"vllm-ar"``, ``"vllm-spec-base"``, ``"kad:kad_dual:0.4"``, ``"reference"``), ``rule``,
+``param``, ``gamma`` (None for autoregressive systems), ``concurrency``, ``tokens_per_s``
+(median of repeats), optional ``ttft_s``, ``acceptance_rate`` (None without drafts) and
+``repeats`` (the raw tokens/s of each repeat). Other keys are ignored.
+
+    python -m bench.plots results/bench/serve.json [more.json ...] --out results/bench
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,58 +23,132 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# The KAD paper's Figure 2 colours: dual approximation brown, primal blue, nudging red.
+RULE_COLOURS = {"kad_dual": "tab:brown", "kad_primal": "tab:blue", "nudging": "tab:red"}
 
-def plot_acceptance(records: list[dict[str, Any]], path: Path) -> None:
-    """Acceptance rate by rule setting and gamma (the KAD paper's Figure 2 layout)."""
-    series: dict[str, dict[Any, float]] = defaultdict(dict)
+
+def _gamma_key(gamma: Any) -> tuple[bool, Any]:
+    return gamma is None, gamma if gamma is not None else 0
+
+
+def _colour(records: list[dict[str, Any]], system: str) -> str | None:
+    rule = next((r.get("rule") for r in records if r["system"] == system), None)
+    return RULE_COLOURS.get(rule or "")
+
+
+def _spread(values: list[float], centre: float) -> tuple[float, float]:
+    """Distance from the median to the lowest and highest repeat (error-bar lengths)."""
+    return (centre - min(values), max(values) - centre) if values else (0.0, 0.0)
+
+
+def plot_acceptance(records: list[dict[str, Any]], path: Path) -> Path:
+    """Acceptance rate by rule setting (bars) and gamma (groups): the paper's Figure 2.
+
+    A (system, gamma) measured at several concurrencies shows the mean over them
+    (acceptance does not depend on batching); error bars span the repeats.
+    """
+    values: dict[tuple[str, Any], list[float]] = defaultdict(list)
+    repeats: dict[tuple[str, Any], list[float]] = defaultdict(list)
     for r in records:
         if r.get("acceptance_rate") is not None:
-            series[r["system"]][r.get("gamma")] = r["acceptance_rate"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for system, points in sorted(series.items()):
-        gammas = sorted(points, key=lambda g: (g is None, g))
-        xs = [str(g) for g in gammas]
-        ax.plot(xs, [points[g] for g in gammas], marker="o", label=system)
+            values[r["system"], r.get("gamma")].append(r["acceptance_rate"])
+            repeats[r["system"], r.get("gamma")] += [
+                v for v in r.get("acceptance_repeats") or [] if v is not None]
+    systems = sorted({s for s, _ in values})
+    gammas = sorted({g for _, g in values}, key=_gamma_key)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    width = 0.8 / max(1, len(systems))
+    for k, system in enumerate(systems):
+        xs, ys, errs = [], [], [[], []]
+        for j, gamma in enumerate(gammas):
+            if (system, gamma) not in values:
+                continue
+            mean = statistics.fmean(values[system, gamma])
+            low, high = _spread(repeats[system, gamma], mean)
+            xs.append(j + (k - (len(systems) - 1) / 2) * width)
+            ys.append(mean)
+            errs[0].append(max(0.0, low))
+            errs[1].append(max(0.0, high))
+        ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=system,
+               color=_colour(records, system))
+    ax.set_xticks(range(len(gammas)), ["n/a" if g is None else str(g) for g in gammas])
     ax.set_xlabel("gamma (draft tokens per step)")
     ax.set_ylabel("acceptance rate")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    if systems:
+        ax.legend(fontsize=7)
     ax.set_title("Acceptance rate by rule and gamma")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return _save(fig, path)
 
 
-def plot_throughput(records: list[dict[str, Any]], path: Path) -> None:
-    """Aggregate tokens/s against concurrency, one line per system and gamma."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+def _series_label(record: dict[str, Any]) -> str:
+    gamma = record.get("gamma")
+    return record["system"] if gamma is None else f"{record['system']} γ={gamma}"
+
+
+def _plot_vs_concurrency(records: list[dict[str, Any]], path: Path, key: str, repeats_key: str,
+                         ylabel: str, title: str, scale: float = 1.0) -> Path:
+    series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        label = r["system"] if r.get("gamma") is None else f"{r['system']} g={r['gamma']}"
-        series[label].append((r["concurrency"], r["tokens_per_s"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
+        if r.get(key) is not None:
+            series[_series_label(r)].append(r)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
     for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot([c for c, _ in points], [t for _, t in points], marker="o", label=label)
+        points.sort(key=lambda r: r["concurrency"])
+        ys = [r[key] * scale for r in points]
+        spreads = [_spread([v * scale for v in r.get(repeats_key) or [] if v is not None], y)
+                   for r, y in zip(points, ys, strict=True)]
+        ax.errorbar([r["concurrency"] for r in points], ys, marker="o", capsize=3, label=label,
+                    yerr=[[max(0.0, s[0]) for s in spreads], [max(0.0, s[1]) for s in spreads]],
+                    color=_colour(records, points[0]["system"]))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("tokens/s (aggregate)")
-    ax.legend(fontsize=7)
-    ax.set_title("Throughput vs concurrency")
+    ax.set_ylabel(ylabel)
+    if series:
+        ax.legend(fontsize=7)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path:
+    """Aggregate tokens/s against concurrency, one line per system and gamma."""
+    return _plot_vs_concurrency(records, path, "tokens_per_s", "repeats",
+                                "tokens/s (aggregate)", "Throughput vs concurrency")
+
+
+def plot_ttft(records: list[dict[str, Any]], path: Path) -> Path:
+    """Median time to first token (ms) against concurrency."""
+    return _plot_vs_concurrency(records, path, "ttft_s", "ttft_repeats",
+                                "time to first token (ms)", "TTFT vs concurrency", scale=1e3)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def render_all(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """acceptance.png and throughput.png, plus ttft.png when TTFTs were measured."""
+    paths = [plot_acceptance(records, out / "acceptance.png"),
+             plot_throughput(records, out / "throughput.png")]
+    if any(r.get("ttft_s") is not None for r in records):
+        paths.append(plot_ttft(records, out / "ttft.png"))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-
     parser = argparse.ArgumentParser(description="plot benchmark JSON records")
-    parser.add_argument("records", type=Path)
+    parser.add_argument("records", type=Path, nargs="+", help="JSON lists; merged in order")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(argv)
-    records = json.loads(args.records.read_text())
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_acceptance(records, args.out / "acceptance.png")
-    plot_throughput(records, args.out / "throughput.png")
+    records = [r for path in args.records for r in json.loads(path.read_text())]
+    for path in render_all(records, args.out):
+        print(f"wrote {path}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

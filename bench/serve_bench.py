@@ -1,8 +1,13 @@
 """``kad-bench serve``: speed of a running server, as its clients see it.
 
-Streaming requests through the OpenAI API at each concurrency and rule setting: aggregate
-tokens/s, per-request tokens/s, time to first token, acceptance rate (from the response's
-``kad`` statistics). Warm-up first, then repeats; medians and spread go to JSON and PNG.
+Streams requests through the OpenAI API at each concurrency and rule setting: aggregate
+tokens/s, per-request tokens/s, time to first token and the acceptance rate (from the
+response's ``kad`` statistics; absent on servers without them). Each (setting,
+concurrency) gets warm-up rounds, then ``--repeats`` measured rounds: records hold the
+median and the raw repeats. gamma is a server setting: the value the server reports (a
+``gamma``/``num_speculative_tokens`` field in ``/v1/models`` or in ``kad``), overridden
+by ``--gamma-label``. Records merge into an existing JSON (same system, gamma and
+concurrency replaced), so runs against servers with different gamma share one file.
 """
 
 from __future__ import annotations
@@ -11,115 +16,255 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROMPTS = ["Explain why the sky is blue.", "Solve: 48 + 24 = ?", "Tell a short story.",
-           "List three prime numbers and explain."]
+PROMPTS = [
+    "Explain why the sky is blue.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+    "in May. How many clips did Natalia sell altogether in April and May?",
+    "Write a short story about a lighthouse keeper.",
+    "List three prime numbers and explain why they are prime.",
+]
+GAMMA_KEYS = ("gamma", "num_speculative_tokens")
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    """``kad_dual:0.4`` -> rule and parameter; ``default`` -> no ``kad`` object."""
+
+    rule: str | None
+    param: float | None
+
+    @classmethod
+    def parse(cls, text: str) -> BenchSetting:
+        from kad_kernels.rules import RULE_SPECS
+
+        if text == "default":
+            return cls(None, None)
+        rule, _, param = text.partition(":")
+        if rule not in RULE_SPECS:
+            raise SystemExit(f"kad-bench serve: unknown rule {rule!r}")
+        spec = RULE_SPECS[rule]
+        if param and spec.param is None:
+            raise SystemExit(f"kad-bench serve: rule {rule!r} takes no parameter")
+        return cls(rule, (float(param) if param else spec.default) if spec.param else None)
+
+    @property
+    def system(self) -> str:
+        if self.rule is None:
+            return "server-default"
+        return f"kad:{self.rule}" if self.param is None else f"kad:{self.rule}:{self.param:g}"
+
+    def kad(self) -> dict[str, Any] | None:
+        if self.rule is None:
+            return None
+        from kad_kernels.rules import RULE_SPECS
+
+        name = RULE_SPECS[self.rule].param
+        return {"rule": self.rule, **({name: self.param} if name else {})}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--api-key", default="none")
-    parser.add_argument("--model")
+    parser.add_argument("--model", help="default: the server's first model")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--settings", nargs="+", default=["kad_dual:0.4"],
-                        help="rule[:param] per setting, e.g. base kad_dual:0.4 nudging:0.4")
-    parser.add_argument("--gamma-label", type=int, help="the server's gamma, recorded as is")
-    parser.add_argument("--requests-per-slot", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=64)
+                        help="rule[:param] each (paper default when no param), or 'default' "
+                             "for requests without a kad object")
+    parser.add_argument("--gamma-label", type=int,
+                        help="the server's gamma, recorded as given (else what it reports)")
+    parser.add_argument("--requests-per-slot", type=int, default=2,
+                        help="a round sends concurrency x this many requests")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                        help="let requests stop at end-of-text (lengths then vary)")
+    parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    parser.add_argument("--prompts", type=Path, help="text file, one prompt per line")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--json-name", default="serve.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the JSON instead of merging into it")
+    parser.add_argument("--no-plots", action="store_true")
 
 
-def _kad(setting: str) -> tuple[dict[str, Any], str, float | None]:
-    from kad_kernels.rules import RULE_SPECS
-
-    rule, _, param = setting.partition(":")
-    spec = RULE_SPECS[rule]
-    value = float(param) if param else spec.default
-    return {"rule": rule, **({spec.param: value} if spec.param else {})}, rule, value
+def _gamma_from(mapping: dict[str, Any] | None) -> int | None:
+    for key in GAMMA_KEYS:
+        if mapping and isinstance(mapping.get(key), int):
+            return mapping[key]
+    return None
 
 
-async def _one(client, model, prompt, kad, max_tokens, seed) -> dict[str, Any]:
+async def one_request(client: Any, args: argparse.Namespace, model: str, prompt: str,
+                      kad: dict[str, Any] | None, seed: int) -> dict[str, Any]:
+    """One streamed request: tokens, time to first token, total time, ``kad`` stats."""
+    extra: dict[str, Any] = {}
+    if kad:
+        extra["kad"] = kad
+    if args.ignore_eos:
+        extra["ignore_eos"] = True
+    common = dict(model=model, max_tokens=args.max_tokens, temperature=args.temperature,
+                  seed=seed, stream=True, stream_options={"include_usage": True},
+                  extra_body=extra or None)
     start = time.perf_counter()
-    first = None
-    usage = None
-    stream = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=max_tokens, seed=seed, stream=True,
-        stream_options={"include_usage": True}, extra_body={"kad": kad, "ignore_eos": True},
-    )
+    if args.endpoint == "chat":
+        stream = await client.chat.completions.create(
+            messages=[{"role": "user", "content": prompt}], **common)
+    else:
+        stream = await client.completions.create(prompt=prompt, **common)
+    first: float | None = None
+    final = None
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text and first is None:
-            first = time.perf_counter() - start
+        if chunk.choices and first is None:
+            choice = chunk.choices[0]
+            text = choice.delta.content if args.endpoint == "chat" else choice.text
+            if text:
+                first = time.perf_counter() - start
         if chunk.usage is not None:
-            usage = chunk
-    total = time.perf_counter() - start
-    tokens = usage.usage.completion_tokens if usage else 0
-    stats = (usage.model_extra or {}).get("kad") if usage else None
-    return {"tokens": tokens, "ttft": first, "seconds": total, "kad": stats}
+            final = chunk
+    seconds = time.perf_counter() - start
+    tokens = final.usage.completion_tokens if final else 0
+    stats = (final.model_extra or {}).get("kad") if final else None
+    return {"tokens": tokens, "ttft": first, "seconds": seconds, "kad": stats}
 
 
-async def _round(client, model, kad, concurrency, per_slot, max_tokens, seed0):
+async def one_round(client: Any, args: argparse.Namespace, model: str,
+                    kad: dict[str, Any] | None, concurrency: int, prompts: list[str],
+                    seed0: int) -> dict[str, Any]:
+    """``concurrency x requests_per_slot`` requests, at most ``concurrency`` in flight."""
     limit = asyncio.Semaphore(concurrency)
 
-    async def slot(i):
+    async def slot(i: int) -> dict[str, Any] | None:
         async with limit:
-            return await _one(client, model, PROMPTS[i % len(PROMPTS)], kad, max_tokens, seed0 + i)
+            try:
+                return await one_request(client, args, model, prompts[i % len(prompts)], kad,
+                                         seed0 + i)
+            except Exception as exc:  # noqa: BLE001 - counted in the record, not fatal
+                print(f"kad-bench serve: request failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
+                return None
 
     start = time.perf_counter()
-    results = await asyncio.gather(*(slot(i) for i in range(concurrency * per_slot)))
+    outcomes = await asyncio.gather(*(slot(i) for i in range(concurrency *
+                                                              args.requests_per_slot)))
     elapsed = time.perf_counter() - start
-    drafted = sum((r["kad"] or {}).get("drafted_tokens", 0) for r in results)
-    accepted = sum((r["kad"] or {}).get("accepted_tokens", 0) for r in results)
+    done = [r for r in outcomes if r is not None]
+    stats = [r["kad"] for r in done if isinstance(r["kad"], dict)]
+    drafted = sum(s.get("drafted_tokens") or 0 for s in stats)
+    accepted = sum(s.get("accepted_tokens") or 0 for s in stats)
+    alphas = [s["mean_deferred_mass"] for s in stats if s.get("mean_deferred_mass") is not None]
+    ttfts = [r["ttft"] for r in done if r["ttft"] is not None]
+    per_request = [r["tokens"] / r["seconds"] for r in done if r["seconds"] > 0]
     return {
-        "tokens_per_s": sum(r["tokens"] for r in results) / elapsed,
-        "per_request_tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in results),
-        "ttft_s": statistics.median(r["ttft"] for r in results if r["ttft"] is not None),
+        "tokens_per_s": sum(r["tokens"] for r in done) / elapsed,
+        "per_request_tokens_per_s": statistics.median(per_request) if per_request else None,
+        "ttft_s": statistics.median(ttfts) if ttfts else None,
         "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_deferred_mass": sum(alphas) / len(alphas) if alphas else None,
+        "errors": len(outcomes) - len(done),
+        "gamma": next((g for g in map(_gamma_from, stats) if g is not None), None),
     }
 
 
-async def _main(args) -> list[dict[str, Any]]:
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def make_record(setting: BenchSetting, concurrency: int, gamma: int | None,
+                gamma_reported: int | None, runs: list[dict[str, Any]],
+                args: argparse.Namespace) -> dict[str, Any]:
+    """The shared benchmark record (see ``bench.plots``) plus the serving extras."""
+    rates = [r["tokens_per_s"] for r in runs]
+    return {
+        "system": setting.system, "rule": setting.rule, "param": setting.param,
+        "gamma": gamma, "gamma_reported": gamma_reported, "concurrency": concurrency,
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates),
+        "per_request_tokens_per_s": _median([r["per_request_tokens_per_s"] for r in runs]),
+        "ttft_s": _median([r["ttft_s"] for r in runs]),
+        "acceptance_rate": _median([r["acceptance_rate"] for r in runs]),
+        "mean_deferred_mass": _median([r["mean_deferred_mass"] for r in runs]),
+        "repeats": rates,
+        "ttft_repeats": [r["ttft_s"] for r in runs],
+        "acceptance_repeats": [r["acceptance_rate"] for r in runs],
+        "errors": sum(r["errors"] for r in runs),
+        "requests_per_round": concurrency * args.requests_per_slot,
+        "max_tokens": args.max_tokens, "endpoint": args.endpoint, "source": "serve",
+    }
+
+
+async def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     import openai
 
+    prompts = PROMPTS
+    if args.prompts:
+        prompts = [line for line in args.prompts.read_text().splitlines() if line.strip()]
+    settings = [BenchSetting.parse(text) for text in args.settings]
     client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0,
-                                timeout=600)
-    model = args.model or (await client.models.list()).data[0].id
+                                timeout=args.timeout)
+    listing = (await client.models.list()).data
+    model = args.model or listing[0].id
+    served = next((m for m in listing if m.id == model), None)
+    model_gamma = _gamma_from(served.model_extra if served else None)
     records = []
-    for setting in args.settings:
-        kad, rule, param = _kad(setting)
+    for setting in settings:
         for concurrency in args.concurrency:
-            await _round(client, model, kad, concurrency, 1, args.max_tokens, 0)  # warm-up
-            runs = [await _round(client, model, kad, concurrency, args.requests_per_slot,
-                                 args.max_tokens, 1000 * (r + 1)) for r in range(args.repeats)]
-            rates = [r["tokens_per_s"] for r in runs]
-            acceptance = [r["acceptance_rate"] for r in runs if r["acceptance_rate"] is not None]
-            record = {
-                "system": f"kad:{rule}:{param}" if param is not None else f"kad:{rule}",
-                "rule": rule, "param": param, "gamma": args.gamma_label,
-                "concurrency": concurrency, "tokens_per_s": statistics.median(rates),
-                "per_request_tokens_per_s": statistics.median(
-                    r["per_request_tokens_per_s"] for r in runs),
-                "ttft_s": statistics.median(r["ttft_s"] for r in runs),
-                "acceptance_rate": statistics.median(acceptance) if acceptance else None,
-                "repeats": rates,
-            }
+            for w in range(args.warmup):
+                await one_round(client, args, model, setting.kad(), concurrency, prompts,
+                                10_000 * (w + 1))
+            runs = [await one_round(client, args, model, setting.kad(), concurrency, prompts,
+                                    1_000 * (r + 1)) for r in range(args.repeats)]
+            reported = next((r["gamma"] for r in runs if r["gamma"] is not None), model_gamma)
+            gamma = args.gamma_label if args.gamma_label is not None else reported
+            record = make_record(setting, concurrency, gamma, reported, runs, args)
             records.append(record)
-            print(f"{record['system']:<24} conc={concurrency:<3} {record['tokens_per_s']:8.1f} "
-                  f"tok/s  ttft={record['ttft_s'] * 1e3:7.1f} ms  acceptance="
-                  f"{record['acceptance_rate']}", flush=True)
+            print(format_record(record), flush=True)
+    await client.close()
     return records
 
 
-def run(args: argparse.Namespace) -> int:
-    from bench.plots import plot_acceptance, plot_throughput
+def format_record(record: dict[str, Any]) -> str:
+    def fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value * scale, spec)
 
-    records = asyncio.run(_main(args))
+    return (f"{record['system']:<24} gamma={record['gamma']!s:<4} "
+            f"conc={record['concurrency']:<3} {record['tokens_per_s']:9.1f} tok/s "
+            f"[{record['tokens_per_s_min']:.1f}-{record['tokens_per_s_max']:.1f}]  "
+            f"per-request {fmt(record['per_request_tokens_per_s'], '.1f')} tok/s  "
+            f"ttft {fmt(record['ttft_s'], '.1f', 1e3)} ms  "
+            f"acceptance {fmt(record['acceptance_rate'], '.3f')}  errors {record['errors']}")
+
+
+def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with ``new`` added; a new record replaces one with the same system, gamma
+    and concurrency."""
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r.get("system"), r.get("gamma"), r.get("concurrency")
+
+    replaced = {key(r) for r in new}
+    return [r for r in old if key(r) not in replaced] + new
+
+
+def run(args: argparse.Namespace) -> int:
+    records = asyncio.run(benchmark(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(records, indent=2))
-    plot_acceptance(records, args.out / "acceptance.png")
-    plot_throughput(records, args.out / "throughput.png")
-    print(f"wrote {args.out}/serve.json, acceptance.png, throughput.png")
+    path = args.out / args.json_name
+    if path.exists() and not args.overwrite:
+        records = merge_records(json.loads(path.read_text()), records)
+    path.write_text(json.dumps(records, indent=2))
+    written = [str(path)]
+    if not args.no_plots:
+        from bench.plots import render_all
+
+        written += [str(p) for p in render_all(records, args.out)]
+    print("wrote " + ", ".join(written))
     return 0

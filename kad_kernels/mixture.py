@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kad_kernels.rules import deferral_from_probs, resolve_param
+from kad_kernels.rules import deferral_from_probs, resolve_param, row_threshold
 from kad_kernels.validation import as_probs, check_same_shape
 
 
@@ -44,29 +44,53 @@ def _prepare(p, q_star, rule, param, q_base):
 
 
 def _implicit_reward(p: torch.Tensor, q_star: torch.Tensor, q_base: torch.Tensor) -> torch.Tensor:
-    """``pi ∝ p q*/q``; tokens with ``q == 0`` get no mass; rows with no overlap fall back to p."""
-    ratio = torch.where(q_base > 0, q_star / q_base.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    unnorm = p * ratio
-    total = unnorm.sum(dim=-1, keepdim=True)
+    """``pi ∝ p q*/q``; tokens with ``q == 0`` get no mass; rows with no overlap fall back to p.
+
+    Built in one output buffer (every extra full-vocabulary temporary costs a page-faulting
+    allocation on CPU): ``w = [q > 0] p q*/max(q, tiny)``, then normalised.
+    """
+    weights = q_base.clamp_min(torch.finfo(torch.float32).tiny)
+    torch.div(q_star, weights, out=weights)
+    weights.mul_(p)
+    zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+    torch.where(q_base > 0, weights, zero, out=weights)  # in place: no float copy of the mask
+    total = weights.sum(dim=-1, keepdim=True)
     ok = torch.isfinite(total) & (total > 0)
-    return torch.where(ok, unnorm / torch.where(ok, total, 1.0), p / p.sum(-1, keepdim=True))
+    weights.div_(torch.where(ok, total, 1.0))
+    if not bool(ok.all()):
+        rows = ~ok.squeeze(-1)
+        weights[rows] = p[rows] / p[rows].sum(-1, keepdim=True)
+    return weights
 
 
 def _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base):
-    """Return ``(pi, d, alpha)`` on validated inputs; ``d``/``alpha`` None for implicit_reward."""
+    """Return ``(pi, t, alpha)`` on validated inputs, ``t`` the row threshold (``d = p < t``);
+    ``t``/``alpha`` are None for implicit_reward."""
     if rule == "implicit_reward":
         return _implicit_reward(p, q_star, q_base), None, None
-    d = deferral_from_probs(p, q_star, rule, param_t, p_sum, q_sum)
+    threshold = row_threshold(p, q_star, rule, param_t, p_sum, q_sum)
     if rule in ("base", "aligned"):  # nothing / everything deferred: no mixing pass
         source, total = (p, p_sum) if rule == "base" else (q_star, q_sum)
         alpha = torch.zeros_like(p_sum) if rule == "base" else torch.ones_like(p_sum)
-        return source / total, d, alpha
-    pi = p.masked_fill(d, 0.0)  # the kept mass, in the output buffer
-    alpha = (1.0 - pi.sum(dim=-1, keepdim=True) / p_sum).clamp_(0.0, 1.0)
-    # pi = kept / p_sum + alpha * q* / q_sum, in place: one scale, one fused multiply-add.
+        return source / total, threshold, alpha
+    pi, alpha = _threshold_mix(p, p_sum, q_star, q_sum, threshold)
+    return pi, threshold, alpha
+
+
+def _threshold_mix(p, p_sum, q_star, q_sum, threshold):
+    """``pi = p [p >= t] / p_sum + alpha q* / q_sum`` with ``alpha = sum(p [p < t]) / p_sum``.
+
+    Built with float arithmetic only, in one output buffer: on CPU, comparisons producing
+    bool tensors and ``where``/``masked_fill`` over them run several times slower than a
+    plain elementwise pass. ``sign(t - p)`` is exact (a rounded difference has the sign of
+    the exact one), so ``relu(sign(t - p)) * p`` is exactly the deferred part of ``p``.
+    """
+    buf = torch.sub(threshold, p).sign_().clamp_(min=0.0).mul_(p)  # deferred p, else 0
+    alpha = (buf.sum(dim=-1, keepdim=True) / p_sum).clamp_(0.0, 1.0)
+    pi = torch.sub(p, buf, out=buf)  # kept p (exactly p or 0)
     pi.div_(p_sum)
     pi.addcmul_(q_star, alpha / q_sum)
-    return pi, d, alpha
+    return pi, alpha
 
 
 def mix(
@@ -132,13 +156,13 @@ def mixture_stats(
 ) -> MixtureStats:
     """``pi`` together with deferred mass, kept-token count and acceptance probability per row."""
     p, p_sum, q_star, q_sum, param_t, q_base = _prepare(p, q_star, rule, param, q_base)
-    pi, d, alpha = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base)
+    pi, threshold, alpha = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base)
     lead = pi.shape[:-1]
-    if d is None:
+    if threshold is None:
         alpha_out = torch.full(lead, float("nan"), device=pi.device)
         kept = torch.full(lead, pi.shape[-1], dtype=torch.long, device=pi.device)
     else:
         alpha_out = alpha.squeeze(-1)
-        kept = (~d).sum(dim=-1)
+        kept = (p >= threshold).sum(dim=-1)
     acceptance = torch.minimum(pi, q_star / q_sum).sum(dim=-1)
     return MixtureStats(pi=pi, alpha=alpha_out, num_kept=kept, acceptance=acceptance)

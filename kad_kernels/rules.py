@@ -46,6 +46,8 @@ RULES: tuple[str, ...] = tuple(RULE_SPECS)
 
 # Rows whose nucleus fits in this many top tokens skip the full vocabulary sort (kad_primal).
 _PRIMAL_TOPK = 64
+# Block width of the top-value prefilter (kad_primal); 151,936 = 1187 blocks of 128.
+_PRIMAL_BLOCK = 128
 # Relative tolerance on tail masses (kad_primal): below float32 resolution of a row sum.
 _TAIL_TOLERANCE = 1e-6
 
@@ -54,26 +56,47 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
     return x.amax(dim=-1, keepdim=True)
 
 
-def _primal_deferral(p: torch.Tensor, budget: torch.Tensor, p_sum: torch.Tensor) -> torch.Tensor:
-    """Defer every token outside the top-k~ of ``p`` (ties with the k~-th token kept).
+def _primal_threshold(p: torch.Tensor, budget: torch.Tensor, p_sum: torch.Tensor) -> torch.Tensor:
+    """Row threshold deferring every token outside the top-k~ of ``p`` (ties with the k~-th
+    token kept): the k~-th largest value, or +inf when k~ = 0.
 
     k~ is the smallest k whose tail mass (mass outside the top-k) is at most the budget,
     i.e. the kept set is the nucleus of mass ``1 - budget``. Most rows need only a few top
-    tokens, so a partial ``topk`` decides them and only the remaining rows pay a full sort.
+    tokens, so the top values decide them and only the remaining rows pay a full sort.
     """
     vocab = p.shape[-1]
     flat = p.reshape(-1, vocab)
     allowed_tail = (budget * p_sum).to(torch.float64).reshape(-1, 1)
     total = p_sum.to(torch.float64).reshape(-1, 1)
-    k = min(vocab, _PRIMAL_TOPK)
-    top = flat.topk(k, dim=-1).values
+    top = _top_values(flat, min(vocab, _PRIMAL_TOPK))
     threshold = _critical_value(top, total, allowed_tail)
     unresolved = torch.isnan(threshold)
     if bool(unresolved.any()):
         rows = unresolved.nonzero(as_tuple=True)[0]
         full = flat[rows].sort(dim=-1, descending=True).values
         threshold[rows] = _critical_value(full, total[rows], allowed_tail[rows])
-    return p < threshold.reshape(*p.shape[:-1], 1)
+    return threshold.reshape(*p.shape[:-1], 1)
+
+
+def _top_values(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest values of each row of ``[N, V]``, in decreasing order.
+
+    ``topk`` over 150k entries costs as much as a softmax, so long rows are prefiltered:
+    the k largest values all lie in the k blocks with the largest block maxima (an entry
+    outside them is at most the k-th block maximum, itself one of k entries at least as
+    large), so one ``amax`` pass and a ``topk`` over k blocks give the same values.
+    """
+    n, vocab = rows.shape
+    blocks = vocab // _PRIMAL_BLOCK
+    if blocks < 4 * k:
+        return rows.topk(k, dim=-1).values
+    full = blocks * _PRIMAL_BLOCK
+    body = rows[:, :full].reshape(n, blocks, _PRIMAL_BLOCK)
+    best = body.amax(dim=-1).topk(k, dim=-1).indices
+    candidates = body.gather(1, best.unsqueeze(-1).expand(n, k, _PRIMAL_BLOCK)).reshape(n, -1)
+    if full < vocab:  # the ragged last block is always a candidate
+        candidates = torch.cat([candidates, rows[:, full:]], dim=-1)
+    return candidates.topk(k, dim=-1).values
 
 
 def _critical_value(
@@ -92,6 +115,42 @@ def _critical_value(
     return value.unsqueeze(-1)
 
 
+def row_threshold(
+    p: torch.Tensor,
+    q_star: torch.Tensor,
+    rule: str,
+    param: torch.Tensor | None,
+    p_sum: torch.Tensor,
+    q_sum: torch.Tensor,
+) -> torch.Tensor:
+    """Every rule is a per-row threshold ``t`` ``[..., 1]`` on raw ``p``: ``d_v = p_v < t``.
+
+    ``t = 0`` defers nothing (p >= 0), ``t = +inf`` defers everything. Thresholds on the
+    normalised ``p / p_sum`` are scaled by ``p_sum`` instead of normalising the vocabulary.
+    Inputs are validated float32, ``param`` shaped ``[..., 1]``.
+    """
+    lead = p.shape[:-1] + (1,)
+    if rule == "base":
+        return torch.zeros(lead, device=p.device)
+    if rule == "aligned":
+        return torch.full(lead, float("inf"), device=p.device)
+    if rule == "nudging":  # Chow's rule: the whole row or nothing
+        return torch.where(_row_max(p) < param * p_sum, float("inf"), 0.0)
+    if rule == "kad_dual":
+        return param * p_sum
+    if rule == "kad_squared":
+        return (1.0 - param.sqrt()) * p_sum
+    if rule == "kad_perceptron":
+        return _row_max(p) - param * p_sum
+    if rule == "kad_zero_one":
+        return _row_max(p)
+    if rule == "kad_primal":
+        return _primal_threshold(p, param, p_sum)
+    if rule == "confidence_bet":
+        return (_row_max(q_star) / q_sum - param) * p_sum
+    raise ValueError(f"rule {rule!r} has no deferral vector (it is not a deferral rule)")
+
+
 def deferral_from_probs(
     p: torch.Tensor,
     q_star: torch.Tensor,
@@ -100,30 +159,8 @@ def deferral_from_probs(
     p_sum: torch.Tensor,
     q_sum: torch.Tensor,
 ) -> torch.Tensor:
-    """Deferral mask on validated float32 inputs (``param`` shaped ``[..., 1]``).
-
-    Thresholds are compared against normalised probabilities without materialising them:
-    ``p/p_sum < lam`` is evaluated as ``p < lam * p_sum``.
-    """
-    if rule == "base":
-        return torch.zeros_like(p, dtype=torch.bool)
-    if rule == "aligned":
-        return torch.ones_like(p, dtype=torch.bool)
-    if rule == "nudging":
-        return (_row_max(p) < param * p_sum).expand_as(p)
-    if rule == "kad_dual":
-        return p < param * p_sum
-    if rule == "kad_squared":
-        return p < (1.0 - param.sqrt()) * p_sum
-    if rule == "kad_perceptron":
-        return p < _row_max(p) - param * p_sum
-    if rule == "kad_zero_one":
-        return p < _row_max(p)
-    if rule == "kad_primal":
-        return _primal_deferral(p, param, p_sum)
-    if rule == "confidence_bet":
-        return p < (_row_max(q_star) / q_sum - param) * p_sum
-    raise ValueError(f"rule {rule!r} has no deferral vector (it is not a deferral rule)")
+    """Boolean deferral mask ``[..., V]`` on validated float32 inputs."""
+    return p < row_threshold(p, q_star, rule, param, p_sum, q_sum)
 
 
 def resolve_param(rule: str, param: float | torch.Tensor | None, lead_shape: torch.Size,

@@ -76,15 +76,21 @@ def speculative_verify(
     # One emitted token per row: residual at the first rejection, else the bonus from pi.
     emits = any_rejected | has_bonus
     pos = num_accepted.clamp(max=pi.shape[1] - 1)
-    pi_row = pi[arange_b, pos] / pi_sum[arange_b, pos]
+    pi_row = pi[arange_b, pos]  # unnormalised: sample_rows needs no normalisation
+    pi_row_sum = pi_sum[arange_b, pos]
     if gamma:
+        # pi_sum * residual = max(0, pi_row - pi_sum * q*/q_sum) at rejected rows and
+        # pi_row itself at the others: q* enters with weight 1 or 0, in one row buffer.
         q_pos = num_accepted.clamp(max=gamma - 1)
-        q_row = q_star[arange_b, q_pos] / q_sum[arange_b, q_pos]
+        weight = any_rejected.unsqueeze(-1) * pi_row_sum / q_sum[arange_b, q_pos]
+        dist = q_star[arange_b, q_pos].mul_(-weight).add_(pi_row).clamp_(min=0.0)
+        # Residual mass below rounding (pi == q*): draw from pi instead.
+        flat = dist.sum(dim=-1, keepdim=True) <= _ZERO_RESIDUAL * pi_row_sum
+        if bool(flat.any()):
+            rows = flat.squeeze(-1)
+            dist[rows] = pi_row[rows]
     else:
-        q_row = pi_row
-    residual = torch.where(any_rejected.unsqueeze(-1), (pi_row - q_row).clamp_min(0.0), pi_row)
-    residual_mass = residual.sum(dim=-1, keepdim=True)
-    dist = torch.where(residual_mass > _ZERO_RESIDUAL, residual, pi_row)
+        dist = pi_row
     emitted = sample_rows(dist, generator)
     if any_greedy:
         emitted = torch.where(greedy_rows, argmax_pi[arange_b, pos], emitted)

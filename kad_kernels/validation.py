@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,11 +25,19 @@ def check_param(
     """Return ``param`` as float32 shaped ``[..., 1]`` broadcastable against ``[..., V]``."""
     if isinstance(param, bool) or not isinstance(param, (int, float, torch.Tensor)):
         raise ValueError(f"parameter {name!r} must be a number or a tensor, got {param!r}")
-    value = torch.as_tensor(param, dtype=torch.float32, device=device)
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"parameter {name!r} must be finite, got {param!r}")
-    if bool((value < low).any()) or bool((value > high).any()):
-        raise ValueError(f"parameter {name!r} must lie in [{low}, {high}], got {param!r}")
+    if not isinstance(param, torch.Tensor):  # a plain number: checked without tensor ops
+        if not math.isfinite(param):
+            raise ValueError(f"parameter {name!r} must be finite, got {param!r}")
+        if not low <= param <= high:
+            raise ValueError(f"parameter {name!r} must lie in [{low}, {high}], got {param!r}")
+        return torch.tensor([float(param)], device=device)
+    value = param.to(device=device, dtype=torch.float32)
+    if value.numel():
+        lowest, highest = torch.stack([value.amin(), value.amax()]).tolist()  # one sync
+        if not (math.isfinite(lowest) and math.isfinite(highest)):
+            raise ValueError(f"parameter {name!r} must be finite, got {param!r}")
+        if lowest < low or highest > high:
+            raise ValueError(f"parameter {name!r} must lie in [{low}, {high}], got {param!r}")
     try:
         if torch.broadcast_shapes(value.shape, lead_shape) != lead_shape:
             raise RuntimeError("would enlarge the batch")
@@ -58,15 +67,21 @@ def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
     x = x.float()
-    # One reduction catches negatives and NaN (min propagates NaN; NaN >= 0 is False).
-    if x.numel() and not bool(x.amin() >= 0):
+    row_sum = x.sum(dim=-1, keepdim=True)
+    if x.numel() == 0:
+        return x, row_sum
+    # One host sync for every check: the smallest entry (NaN propagates through amin and
+    # fails ">= 0") and the smallest/largest row sums (inf shows up in its row's sum).
+    lowest, low_sum, high_sum = torch.stack(
+        [x.amin(), row_sum.amin(), row_sum.amax()]
+    ).tolist()
+    if not lowest >= 0:
         if bool(torch.isnan(x).any()):
             raise ValueError(f"{name} contains NaN")
         raise ValueError(f"{name} contains negative probabilities")
-    row_sum = x.sum(dim=-1, keepdim=True)
-    if not bool(torch.isfinite(row_sum).all()):
+    if not high_sum < math.inf:
         raise ValueError(f"{name} contains infinite values")
-    if bool((row_sum <= 0).any()):
+    if not low_sum > 0:
         raise ValueError(f"{name} has a row with zero total probability")
     return x, row_sum
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import torch
 
-from kad_kernels import deferral, mix
+from kad_kernels import deferral, mix, mixture_stats
 
 GEN = torch.Generator().manual_seed(7)
 
@@ -87,8 +89,50 @@ def test_kad_primal_is_the_same_rule_for_every_order_inverting_loss():
                 assert _primal_by_loss(p.tolist(), budget, loss) == kernel, (name, budget)
 
 
+def _all_deferral_vectors(vocab: int) -> np.ndarray:
+    """Every d in {0,1}^V as the rows of a [2^V, V] matrix (the knapsack's search space)."""
+    return np.array(list(itertools.product([0.0, 1.0], repeat=vocab)))
+
+
+def test_kad_primal_is_the_lagrangian_dual_optimum_by_brute_force():
+    """Section 3.3 from scratch, with the plug-in P = p: over all 2^V deferral vectors,
+    the dual function L(mu) = min_d r(d) + mu (sum_v p_v d_v - b) is maximised at
+    mu^ = loss of the critical token, and d+ = [loss > mu^] is the kernel's kad_primal for
+    every order-inverting loss. d+ is feasible (deferred mass <= b) and brackets the exact
+    knapsack optimum: L(mu^) <= r(d^) <= r(d+)."""
+    vocab = 7
+    all_d = _all_deferral_vectors(vocab)
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(12):
+        p = rng.dirichlet(np.full(vocab, 0.7))
+        p_t = torch.tensor(p, dtype=torch.float32)
+        p = p_t.double().numpy() / p_t.double().sum().item()  # exactly what the kernel sees
+        for budget in (0.1, 0.35, 0.6, 0.85):
+            kernel = deferral(p_t, p_t, "kad_primal", budget).numpy()
+            for name, loss in ORDER_INVERTING_LOSSES.items():
+                ell = np.array([loss(x) for x in p])
+                risk = (1 - all_d) @ (p * ell)  # r(d) for every d
+                mass = all_d @ p  # deferred mass for every d
+                candidates = np.unique(ell)  # L is concave, piecewise linear, kinks at losses
+                dual = np.array([np.min(risk + mu * (mass - budget)) for mu in candidates])
+                mu_hat = candidates[np.argmax(dual)]
+                d_plus = ell > mu_hat
+                assert np.array_equal(d_plus, kernel), (name, budget, p)
+                feasible = mass <= budget + 1e-12
+                knapsack = np.min(risk[feasible])  # r(d^), the exact optimum
+                r_plus = float(np.sum(p * ell * ~d_plus))
+                assert float(p[d_plus].sum()) <= budget + 1e-12
+                assert dual.max() <= knapsack + 1e-12 <= r_plus + 2e-12
+                checked += 1
+    assert checked == 12 * 4 * len(ORDER_INVERTING_LOSSES)
+
+
 def test_base_is_p_and_aligned_is_q_star():
     p = _random_rows(10, 16, 2.0)
     q = _random_rows(10, 16, 2.0)
     torch.testing.assert_close(mix(p, q, "base"), p)
     torch.testing.assert_close(mix(p, q, "aligned"), q)
+    stats = mixture_stats(p, q, "aligned")
+    torch.testing.assert_close(stats.alpha, torch.ones(10))
+    torch.testing.assert_close(stats.acceptance, torch.ones(10))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,52 +115,129 @@ def test_ties_and_edge_cases():
     torch.testing.assert_close(mix(ties, q, "kad_primal", 0.0), ties)
 
 
-@pytest.mark.parametrize("rule", ["kad_dual", "kad_primal", "confidence_bet", "nudging"])
+@pytest.mark.parametrize("rule", DEFERRAL_RULES)
 def test_full_vocabulary_of_151936(rule):
+    """Two rows at the real vocabulary size: the literal loop decides every token, and pi,
+    alpha and num_kept match a float64 transcription of the mixture."""
     gen = torch.Generator().manual_seed(1)
     vocab = 151_936
     p = (torch.randn(2, vocab, generator=gen) * 4).softmax(-1)
     q = (torch.randn(2, vocab, generator=gen) * 4).softmax(-1)
     param = RULE_SPECS[rule].default
     d = deferral(p, q, rule, param)
+    stats = mixture_stats(p, q, rule, param)
     for row in range(2):
-        expected = literal_deferral(p[row].tolist(), q[row].tolist(), rule, param) \
-            if rule != "kad_primal" else _primal_by_sort(p[row], param)
-        assert d[row].tolist() == expected
-    pi = mix(p, q, rule, param)
-    torch.testing.assert_close(pi.sum(-1), torch.ones(2), atol=1e-4, rtol=0)
+        expected = vector_deferral(p[row].double().numpy(), q[row].double().numpy(), rule, param)
+        assert np.array_equal(d[row].numpy(), expected)
+        defer = torch.from_numpy(expected)
+        p64, q64 = p[row].double() / p[row].double().sum(), q[row].double() / q[row].double().sum()
+        alpha = float(p64[defer].sum())
+        pi = torch.where(defer, 0.0, p64) + alpha * q64
+        torch.testing.assert_close(stats.pi[row].double(), pi, atol=1e-7, rtol=1e-5)
+        assert float(stats.alpha[row]) == pytest.approx(alpha, abs=1e-6)
+        assert int(stats.num_kept[row]) == int((~defer).sum())
+    torch.testing.assert_close(stats.pi.sum(-1), torch.ones(2), atol=1e-5, rtol=0)
 
 
-def _primal_by_sort(p: torch.Tensor, budget: float) -> list[bool]:
-    """kad_primal by a full sort in float64 (the literal loop is too slow at this size)."""
-    values, _ = p.double().sort(descending=True)
-    tails = p.double().sum() - torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)])
-    k_tilde = int((tails > budget).sum())
+def vector_deferral(p: np.ndarray, q: np.ndarray, rule: str, param: float | None) -> np.ndarray:
+    """The rules table again, vectorised over the vocabulary in float64 (for V = 151,936)."""
+    p, q = p / p.sum(), q / q.sum()
+    table = {
+        "base": lambda: np.zeros_like(p, dtype=bool),
+        "aligned": lambda: np.ones_like(p, dtype=bool),
+        "nudging": lambda: np.full(p.shape, p.max() < param),
+        "kad_dual": lambda: p < param,
+        "kad_squared": lambda: p < 1 - np.sqrt(param),
+        "kad_perceptron": lambda: p < p.max() - param,
+        "kad_zero_one": lambda: p < p.max(),
+        "confidence_bet": lambda: p < q.max() - param,
+        "kad_primal": lambda: _primal_by_sort(p, param),
+    }
+    return table[rule]()
+
+
+def _primal_by_sort(p: np.ndarray, budget: float) -> np.ndarray:
+    """kad_primal by a full sort: k~ = smallest k whose tail outside the top-k is <= budget."""
+    values = np.sort(p)[::-1]
+    tails = 1.0 - np.concatenate([[0.0], np.cumsum(values)])
+    k_tilde = int((tails > budget + 1e-9).sum())
     if k_tilde == 0:
-        return [True] * p.numel()
-    return (p.double() < values[k_tilde - 1]).tolist()
+        return np.ones_like(p, dtype=bool)
+    return p < values[k_tilde - 1]
 
 
-def test_per_request_parameters_in_one_batch():
+# Dyadic probabilities: sums and thresholds are exact in float32, so "at the threshold"
+# really is equality and the strict "<" of every rule is what is tested.
+EXACT_P = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+EXACT_Q = torch.tensor([0.0625, 0.125, 0.25, 0.5, 0.0625])
+
+
+@pytest.mark.parametrize(
+    ("rule", "param", "deferred"),
+    [
+        ("kad_dual", 0.25, [False, False, True, True, True]),  # p = lam is kept
+        ("kad_dual", 0.5, [False, True, True, True, True]),
+        ("kad_squared", 0.25, [False, True, True, True, True]),  # 1 - sqrt(mu) = 0.5
+        ("kad_perceptron", 0.25, [False, False, True, True, True]),  # max - mu = 0.25
+        ("kad_perceptron", 0.0, [False, True, True, True, True]),
+        ("confidence_bet", 0.375, [False, False, False, True, True]),  # max q* - lam = 0.125
+        ("nudging", 0.5, [False] * 5),  # max p = lam: not below it, nothing deferred
+        ("nudging", 0.625, [True] * 5),
+        ("kad_primal", 0.25, [False, False, True, True, True]),  # tail 0.25 <= budget
+        ("kad_primal", 0.125, [False, False, False, True, True]),  # tail exactly 0.125
+        ("kad_primal", 0.0625, [False, False, False, False, False]),  # tie at the cut kept
+        ("kad_primal", 0.5, [False, True, True, True, True]),
+    ],
+)
+def test_threshold_ties_are_kept(rule, param, deferred):
+    assert deferral(EXACT_P, EXACT_Q, rule, param).tolist() == deferred
+    assert literal_deferral(EXACT_P.tolist(), EXACT_Q.tolist(), rule, param) == deferred
+    pi, alpha = literal_mix(EXACT_P.tolist(), EXACT_Q.tolist(), rule, param)
+    stats = mixture_stats(EXACT_P, EXACT_Q, rule, param)
+    torch.testing.assert_close(stats.pi, torch.tensor(pi))
+    assert float(stats.alpha) == alpha
+
+
+@pytest.mark.parametrize("rule", [r for r in DEFERRAL_RULES if RULE_SPECS[r].param])
+def test_per_request_parameters_in_one_batch(rule):
+    """A [B] parameter tensor (as [B, 1] against [B, G, V]): every request its own value."""
     gen = torch.Generator().manual_seed(2)
     p = (torch.randn(4, 3, 32, generator=gen) * 3).softmax(-1)
     q = (torch.randn(4, 3, 32, generator=gen) * 3).softmax(-1)
-    lams = torch.tensor([0.0, 0.2, 0.5, 1.0])
-    pi = mix(p, q, "kad_dual", lams.view(4, 1))
-    for i, lam in enumerate(lams.tolist()):
-        torch.testing.assert_close(pi[i], mix(p[i], q[i], "kad_dual", lam))
+    values = [0.0, 0.2, 0.5, 1.0]
+    stats = mixture_stats(p, q, rule, torch.tensor(values).view(4, 1))
+    for i, value in enumerate(values):
+        alone = mixture_stats(p[i], q[i], rule, value)
+        torch.testing.assert_close(stats.pi[i], alone.pi)
+        torch.testing.assert_close(stats.alpha[i], alone.alpha)
+        assert stats.num_kept[i].tolist() == alone.num_kept.tolist()
+    # Different values really give different mixtures (the test would notice a mix-up).
+    assert not torch.allclose(stats.pi[0], stats.pi[3])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_input_gives_float32_output(dtype):
+@pytest.mark.parametrize("rule", RULES)
+def test_low_precision_input_gives_float32_output(dtype, rule):
     gen = torch.Generator().manual_seed(3)
-    p = (torch.randn(5, 64, generator=gen) * 2).softmax(-1)
-    q = (torch.randn(5, 64, generator=gen) * 2).softmax(-1)
-    pi_low = mix(p.to(dtype), q.to(dtype), "kad_dual", 0.1)
+    p, q, q_base = ((torch.randn(5, 64, generator=gen) * 2).softmax(-1) for _ in range(3))
+    param = RULE_SPECS[rule].default
+    extra = {"q_base": q_base} if rule == "implicit_reward" else {}
+    low = {"q_base": q_base.to(dtype)} if extra else {}
+    pi_low = mix(p.to(dtype), q.to(dtype), rule, param, **low)
     assert pi_low.dtype == torch.float32
     torch.testing.assert_close(pi_low.sum(-1), torch.ones(5), atol=1e-5, rtol=0)
-    pi = mix(p, q, "kad_dual", 0.1)
-    assert float((pi_low - pi).abs().max()) < 2e-2
+    # Same rule on the float32 image of the rounded input: identical up to float32 rounding.
+    exact = mix(p.to(dtype).float(), q.to(dtype).float(), rule, param,
+                **({"q_base": q_base.to(dtype).float()} if extra else {}))
+    torch.testing.assert_close(pi_low, exact)
+    # And close to the float32 input's mixture on rows where rounding flipped no decision.
+    same = torch.ones(5, dtype=torch.bool)
+    if rule != "implicit_reward":
+        same = (deferral(p.to(dtype), q.to(dtype), rule, param) == deferral(p, q, rule, param))
+        same = same.all(-1)
+    assert int(same.sum()) >= 3
+    error = (pi_low - mix(p, q, rule, param, **extra)).abs().amax(-1)
+    assert float(error[same].max()) < 2e-2
 
 
 def test_implicit_reward_reweights_p_by_the_likelihood_ratio():

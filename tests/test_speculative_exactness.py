@@ -22,11 +22,12 @@ GAMMA = 2
 P_VALUE = 1e-4
 
 
-def _setup(seed: int = 0):
+def _setup(seed: int = 0, gamma: int = GAMMA):
+    """Per-position p, q*, q for gamma + 2 positions (a step, and the next one)."""
     gen = torch.Generator().manual_seed(seed)
-    p = (torch.randn(GAMMA + 2, VOCAB, generator=gen) * 3.0).softmax(-1)
-    q_star = (torch.randn(GAMMA + 2, VOCAB, generator=gen) * 1.5).softmax(-1)
-    q_base = (torch.randn(GAMMA + 2, VOCAB, generator=gen) * 1.5).softmax(-1)
+    p = (torch.randn(gamma + 2, VOCAB, generator=gen) * 3.0).softmax(-1)
+    q_star = (torch.randn(gamma + 2, VOCAB, generator=gen) * 1.5).softmax(-1)
+    q_base = (torch.randn(gamma + 2, VOCAB, generator=gen) * 1.5).softmax(-1)
     return p, q_star, q_base
 
 
@@ -77,16 +78,24 @@ def _pvalues(first, second, pi) -> tuple[float, float]:
     return p_first, _chi2_pvalue(joint, expected)
 
 
+@pytest.mark.parametrize("gamma", [2, 3])
 @pytest.mark.parametrize("rule", RULES)
-def test_emitted_tokens_follow_pi(rule):
-    p, q_star, q_base = _setup()
+def test_emitted_tokens_follow_pi(rule, gamma):
+    p, q_star, q_base = _setup(gamma=gamma)
     pi = _pi(rule, p, q_star, q_base)
     gen = torch.Generator().manual_seed(1)
-    p_first, p_pair = _pvalues(*_two_tokens(correct_verify, pi, q_star, gen), pi)
+    p_first, p_pair = _pvalues(*_two_tokens(correct_verify, pi, q_star, gen, gamma), pi)
     assert p_first > P_VALUE and p_pair > P_VALUE, (rule, p_first, p_pair)
-    tokens, num = correct_verify(pi[: GAMMA + 1], q_star[:GAMMA], _draft(q_star[:GAMMA], gen), gen)
-    positions = torch.arange(GAMMA + 1)
+    tokens, num = correct_verify(pi[: gamma + 1], q_star[:gamma], _draft(q_star[:gamma], gen), gen)
+    positions = torch.arange(gamma + 1)
     assert torch.equal(tokens >= 0, positions < num.unsqueeze(-1))  # -1 padding after num
+    assert bool(((num >= 1) & (num <= gamma + 1)).all())
+    # Accepted drafts are emitted unchanged: every emitted token before the last is a draft.
+    drafts_again = _draft(q_star[:gamma], torch.Generator().manual_seed(9))
+    tokens, num = correct_verify(pi[: gamma + 1], q_star[:gamma], drafts_again, gen)
+    for i in range(gamma):
+        kept = num > i + 1
+        assert torch.equal(tokens[kept, i], drafts_again[kept, i])
 
 
 # --- wrong verifiers that the check must reject -------------------------------------------
@@ -174,3 +183,43 @@ def test_greedy_accepts_iff_draft_is_argmax_of_pi():
     assert tokens.tolist() == [[1, 0, 2]] and num.tolist() == [3]
     tokens, num = speculative_verify(pi, q_star, torch.tensor([[2, 0]]), greedy=True)
     assert tokens.tolist() == [[1, -1, -1]] and num.tolist() == [1]
+
+
+def test_greedy_rows_chosen_per_request():
+    """A [B] greedy mask: greedy rows follow argmax pi, the others sample as usual."""
+    pi = torch.tensor([[[0.1, 0.6, 0.3], [0.7, 0.2, 0.1], [0.2, 0.2, 0.6]]]).expand(2, -1, -1)
+    q_star = pi[:, :2]  # pi == q*: a sampling row accepts every draft
+    drafts = torch.tensor([[2, 2], [2, 2]])
+    tokens, num = speculative_verify(pi, q_star, drafts, greedy=torch.tensor([True, False]),
+                                     generator=torch.Generator().manual_seed(0))
+    assert tokens[0].tolist() == [1, -1, -1] and num[0] == 1
+    assert tokens[1, :2].tolist() == [2, 2] and num[1] == 3
+
+
+def test_sample_rows_two_level_path_is_exact():
+    """Rows longer than 4 blocks are drawn block first, then inside the block: the draws
+    still follow the row (unnormalised, mass at block edges and in the ragged last block)
+    and never land on a zero-probability token."""
+    vocab, trials = 6000, 40_000  # 5 blocks of 1024 and a ragged block of 880
+    support = torch.tensor([0, 5, 1023, 1024, 2047, 3000, 4095, 4096, 5119, 5120, 5121,
+                            5500, 5998, 5999])
+    gen = torch.Generator().manual_seed(12)
+    weights = torch.rand(len(support), generator=gen) + 0.05
+    row = torch.zeros(vocab).index_put_((support,), weights * 3.7)
+    draws = sample_rows(row.expand(trials, vocab), gen)
+    assert bool(torch.isin(draws, support).all())
+    counts = torch.bincount(draws, minlength=vocab)[support].numpy()
+    expected = (weights / weights.sum()).double().numpy()
+    assert _chi2_pvalue(counts, expected) > P_VALUE
+    # The same check rejects a draw that is off by one block (teeth).
+    shifted = torch.bincount(draws, minlength=vocab)[support.roll(1)].numpy()
+    assert _chi2_pvalue(shifted, expected) < P_VALUE
+
+
+def test_sample_rows_matches_on_both_paths_for_a_single_token():
+    for vocab in (10, 100_000):
+        row = torch.zeros(3, vocab)
+        row[0, vocab - 1] = 1e-30  # the only mass is tiny and at the very end
+        row[1, 0] = 5.0
+        row[2, vocab // 2] = 1.0
+        assert sample_rows(row).tolist() == [vocab - 1, 0, vocab // 2]

@@ -1,15 +1,21 @@
 """Evaluation items from the usual file formats of each benchmark.
 
 Every loader returns ``Item``s with a stable id (so runs resume), the question as shown
-to the model, the gold answer in comparable form and how answers are extracted.
+to the model, the gold answer in canonical form and how answers are extracted. Accepted
+formats: the benchmarks' original releases and their Hugging Face exports written with
+``Dataset.to_json`` (JSON Lines) or as a JSON list.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.eval.extract import normalize_boxed, normalize_number
 
@@ -25,27 +31,37 @@ class Item:
     choices: tuple[str, ...] = field(default=())
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _records(path: Path) -> list[dict[str, Any]]:
+    """A JSON list, one JSON object (``{"data": [...]}`` or a single record) or JSON Lines."""
+    text = path.read_text(encoding="utf-8").strip()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(whole, dict):
+        return whole["data"] if isinstance(whole.get("data"), list) else [whole]
+    return whole
 
 
-def _records(path: Path) -> list[dict]:
-    text = path.read_text().strip()
-    return json.loads(text) if text.startswith("[") else _jsonl(path)
+def _gsm8k_gold(answer: Any) -> str | None:
+    """GSM8K keeps the reasoning before ``#### <number>``; plain numbers pass through."""
+    return normalize_number(str(answer).split("####")[-1])
 
 
 def load_gsm8k(path: Path) -> list[Item]:
-    items = []
-    for i, row in enumerate(_jsonl(path)):
-        gold = str(row["answer"]).split("####")[-1]
-        items.append(Item(f"gsm8k-{i}", row["question"], normalize_number(gold), "number"))
-    return items
+    """GSM8K ``test.jsonl`` (``question``, ``answer`` ending in ``#### N``)."""
+    return [Item(str(row.get("id", f"gsm8k-{i}")), row["question"], _gsm8k_gold(row["answer"]),
+                 "number") for i, row in enumerate(_records(path))]
 
 
 def load_svamp(path: Path) -> list[Item]:
+    """SVAMP ``SVAMP.json`` (``ID``, ``Body``, ``Question``, float ``Answer``), or its HF export."""
     items = []
     for i, row in enumerate(_records(path)):
-        question = f"{row['Body'].strip()} {row['Question'].strip()}".strip()
+        if "question_concat" in row:
+            question = row["question_concat"].strip()
+        else:
+            question = f"{row['Body'].strip()} {row['Question'].strip()}".strip()
         items.append(Item(str(row.get("ID", f"svamp-{i}")), question,
                           normalize_number(row["Answer"]), "number"))
     return items
@@ -53,58 +69,70 @@ def load_svamp(path: Path) -> list[Item]:
 
 def load_question_answer(path: Path) -> list[Item]:
     """Any JSONL with ``question`` and a numeric ``answer`` (GSM8K-style ``####`` allowed)."""
-    items = []
-    for i, row in enumerate(_records(path)):
-        gold = str(row["answer"]).split("####")[-1]
-        items.append(Item(str(row.get("id", f"{path.stem}-{i}")), row["question"],
-                          normalize_number(gold), "number"))
-    return items
+    return [Item(str(row.get("id", f"{path.stem}-{i}")), row["question"],
+                 _gsm8k_gold(row["answer"]), "number") for i, row in enumerate(_records(path))]
 
 
 def load_math500(path: Path) -> list[Item]:
+    """MATH500 (``problem``, ``answer``, ``unique_id``; HuggingFaceH4/MATH-500 layout)."""
     return [Item(str(row.get("unique_id", f"math-{i}")), row["problem"],
                  normalize_boxed(str(row["answer"])), "boxed")
             for i, row in enumerate(_records(path))]
 
 
-def _choices(row: dict) -> tuple[list[str], list[str]]:
+def _choices(row: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(labels, texts) from ARC/CSQA's original or Hugging Face layouts."""
     question = row["question"]
     raw = question["choices"] if isinstance(question, dict) else row["choices"]
     if isinstance(raw, dict):  # HF datasets: {"label": [...], "text": [...]}
-        return list(raw["label"]), list(raw["text"])
-    return [c["label"] for c in raw], [c["text"] for c in raw]
+        return [str(label) for label in raw["label"]], list(raw["text"])
+    return [str(c["label"]) for c in raw], [c["text"] for c in raw]
 
 
 def load_multiple_choice(path: Path, prefix: str) -> list[Item]:
-    """ARC-Challenge and CommonsenseQA: original JSONL or Hugging Face export."""
+    """ARC-Challenge and CommonsenseQA: original JSONL or Hugging Face export.
+
+    Options are relabelled A, B, C, ... in their given order (ARC uses 1-4 on some items).
+    """
     items = []
     for i, row in enumerate(_records(path)):
         labels, texts = _choices(row)
         stem = row["question"]["stem"] if isinstance(row["question"], dict) else row["question"]
-        letters = LETTERS[: len(texts)]
         key = str(row["answerKey"])
-        gold = letters[labels.index(key)] if key in labels else key
+        gold = LETTERS[labels.index(key)] if key in labels else key
         items.append(Item(str(row.get("id", f"{prefix}-{i}")), stem, gold, "choice",
                           tuple(texts)))
     return items
 
 
-def load_truthfulqa(path: Path) -> list[Item]:
-    """TruthfulQA multiple choice (``mc1_targets``: choice -> 1 for the true one)."""
+def _shuffled(texts: list[str], scores: list[int], key: str) -> tuple[list[str], list[int]]:
+    """TruthfulQA lists the true answer first: a fixed per-question shuffle hides it."""
+    order = list(range(len(texts)))
+    random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:16], 16)).shuffle(order)
+    return [texts[j] for j in order], [scores[j] for j in order]
+
+
+def load_truthfulqa(path: Path, shuffle: bool = True) -> list[Item]:
+    """TruthfulQA multiple choice, ``mc1_targets``: original ``{choice: 0/1}`` or HF layout.
+
+    The options are shuffled with a seed derived from the question (same order every run).
+    """
     items = []
     for i, row in enumerate(_records(path)):
         targets = row["mc1_targets"]
         if isinstance(targets, dict) and "choices" in targets:
-            texts, scores = list(targets["choices"]), list(targets["labels"])
+            texts, scores = list(targets["choices"]), [int(s) for s in targets["labels"]]
         else:
-            texts, scores = list(targets), list(targets.values())
-        gold = LETTERS[scores.index(1)]
-        items.append(Item(f"tqa-{i}", row["question"], gold, "choice", tuple(texts)))
+            texts, scores = list(targets), [int(s) for s in targets.values()]
+        if shuffle:
+            texts, scores = _shuffled(texts, scores, row["question"])
+        items.append(Item(f"tqa-{i}", row["question"], LETTERS[scores.index(1)], "choice",
+                          tuple(texts)))
     return items
 
 
-LOADERS = {
+# task -> (loader, file under the data dir)
+LOADERS: dict[str, tuple[Callable[[Path], list[Item]], str]] = {
     "gsm8k": (load_gsm8k, "gsm8k/test.jsonl"),
     "svamp": (load_svamp, "svamp/SVAMP.json"),
     "math500": (load_math500, "math500/test.jsonl"),
@@ -123,9 +151,14 @@ def default_data_dir() -> Path:
 
 
 def load_task(task: str, data_dir: Path, data: Path | None = None) -> list[Item]:
+    """Items of a known task (from ``data`` if given, else the data dir), or of a
+    question/answer JSONL named ``task``."""
     if task not in LOADERS and data is None:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(LOADERS)} (or --data FILE)")
-    if data is not None and task not in LOADERS:
+    if task not in LOADERS:
         return load_question_answer(data)
     loader, default = LOADERS[task]
-    return loader(data or data_dir / default)
+    path = data or data_dir / default
+    if not path.exists():
+        raise FileNotFoundError(f"{task}: no file at {path} (set --data-dir or --data)")
+    return loader(path)
