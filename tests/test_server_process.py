@@ -3,6 +3,7 @@ health before/after ready, the openai client end to end, disconnects, SIGTERM.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ import httpx
 import openai
 import pytest
 import yaml
+
+from bench.eval import cli as eval_cli
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +42,7 @@ def server(tiny_pair, tmp_path_factory):
     }
     path = tmp_path_factory.mktemp("server") / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = open(path.parent / "server.log", "w")
+    log = open(path.parent / "server.log", "w")  # noqa: SIM115 - closed at fixture teardown
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--config", str(path), "--log-level", "warning"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
@@ -85,6 +88,16 @@ def test_openai_client_against_the_real_engine(server):
     assert kad["rule"] == "kad_primal" and kad["param"] == 0.9
     assert kad["emitted_tokens"] == chat.usage.completion_tokens
     assert kad["accepted_tokens"] <= kad["drafted_tokens"]
+    # Rule aligned (pi = q*) accepts every draft, also when max_tokens cuts the last step
+    # (gamma 3 here: drafts past max_tokens must not count as rejected).
+    for max_tokens in (7, 10, 13):
+        aligned = client.completions.create(
+            model="kad-tiny", prompt="Once upon a time", max_tokens=max_tokens, seed=3,
+            extra_body={"kad": {"rule": "aligned"}, "ignore_eos": True},
+        ).model_extra["kad"]
+        assert aligned["acceptance_rate"] == 1.0, aligned
+        assert aligned["accepted_tokens"] == aligned["drafted_tokens"] > 0
+        assert aligned["emitted_tokens"] == max_tokens
     stream = client.completions.create(
         model="kad-tiny", prompt="Once upon a time", max_tokens=12, n=2, seed=4, stream=True,
         stream_options={"include_usage": True},
@@ -124,6 +137,33 @@ def test_disconnects_free_the_engine(server):
             break
         time.sleep(0.2)
     assert running == 0
+
+
+def test_sweep_against_the_tiny_server(server, tmp_path):
+    """The same sweep through the real server (tiny model pair): every request answered,
+    alignment statistics per request consistent with the rule sent."""
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?",
+                                        "answer": str(2 * i)}) + "\n" for i in range(5)))
+    out = tmp_path / "out"
+    assert eval_cli.main(["--base-url", server["url"], "--task", "toy", "--data", str(data),
+                          "--rule", "base", "--rule", "kad_dual", "--param", "0.4",
+                          "--max-tokens", "16", "--concurrency", "4", "--out", str(out),
+                          "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for label, slug, rule in [("base", "base", "base"),
+                              ("kad_dual 0.4", "kad_dual_0.4", "kad_dual")]:
+        records = [json.loads(line) for line in (out / f"toy__{slug}.jsonl").read_text().splitlines()]
+        assert len(records) == 5 and all(r["error"] is None for r in records)
+        assert all(r["kad"]["rule"] == rule for r in records)
+        assert all(0 <= r["kad"]["accepted_tokens"] <= r["kad"]["drafted_tokens"]
+                   for r in records)
+        assert all(0 < r["completion_tokens"] <= 16 for r in records)
+        assert summary[label]["toy"]["items"] == 5 and summary[label]["toy"]["errors"] == 0
+        rate = summary[label]["toy"]["acceptance_rate"]
+        assert rate is None or 0.0 <= rate <= 1.0
+    assert summary["kad_dual 0.4"]["toy"]["mean_deferred_mass"] >= 0.0
+    assert summary["base"]["toy"]["mean_deferred_mass"] == pytest.approx(0.0)
 
 
 def test_sigterm_finishes_in_flight_request_and_exits_zero(server):

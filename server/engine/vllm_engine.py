@@ -321,10 +321,13 @@ class VllmEngine:
 
     async def _final_stats(self, request_id: str, generated: int, returned: int) -> RequestStats:
         stats = await self._settled_stats(request_id, generated)
-        # Tokens vLLM or a stop string cut off after verification are not returned.
+        # Tokens cut off after verification (max_tokens, end of text, a stop string) are not
+        # returned. Accepted drafts among them leave both counts alike, so the acceptance
+        # rate stays the verifier's (1.0 for rule aligned) and accepted <= emitted.
+        cut = max(0, stats.accepted - returned)
         return RequestStats(
-            drafted=stats.drafted,
-            accepted=min(stats.accepted, returned),
+            drafted=stats.drafted - cut,
+            accepted=stats.accepted - cut,
             emitted=min(stats.emitted, returned),
             positions=stats.positions,
             alpha_sum=stats.alpha_sum,
