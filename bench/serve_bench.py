@@ -6,8 +6,11 @@ response's ``kad`` statistics; absent on servers without them). Each (setting,
 concurrency) gets warm-up rounds, then ``--repeats`` measured rounds: records hold the
 median and the raw repeats. gamma is a server setting: the value the server reports (a
 ``gamma``/``num_speculative_tokens`` field in ``/v1/models`` or in ``kad``), overridden
-by ``--gamma-label``. Records merge into an existing JSON (same system, gamma and
-concurrency replaced), so runs against servers with different gamma share one file.
+by ``--gamma-label``. Records merge into an existing JSON (same system, gamma,
+concurrency and task replaced), so runs against servers with different gamma share one
+file. ``--task gsm8k --task arc ...`` sends each benchmark's own prompts (the paper's, as
+``kad-eval`` sends them) and ``tables.md`` lays the results out like the paper's Tables 4
+and 5 (rows = rule x gamma, columns = tasks, plus the average).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.client import openai_base_url
+
 PROMPTS = [
     "Explain why the sky is blue.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
-    "in May. How many clips did Natalia sell altogether in April and May?",
+    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+     "in May. How many clips did Natalia sell altogether in April and May?"),
     "Write a short story about a lighthouse keeper.",
     "List three prime numbers and explain why they are prime.",
 ]
@@ -69,7 +74,8 @@ class BenchSetting:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                        help="the API root; a bare server address gets /v1 appended")
     parser.add_argument("--api-key", default="none")
     parser.add_argument("--model", help="default: the server's first model")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -86,6 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let requests stop at end-of-text (lengths then vary)")
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     parser.add_argument("--prompts", type=Path, help="text file, one prompt per line")
+    parser.add_argument("--task", action="append",
+                        help="use this benchmark's paper prompts (repeatable; kad-eval tasks); "
+                             "implies --endpoint chat")
+    parser.add_argument("--task-prompts", type=int, default=16,
+                        help="first N items of each --task")
+    parser.add_argument("--data-dir", type=Path, help="benchmark files (as kad-eval)")
+    parser.add_argument("--table-concurrency", type=int,
+                        help="concurrency shown in tables.md (default: the lowest measured)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0)
@@ -111,9 +125,9 @@ async def one_request(client: Any, args: argparse.Namespace, model: str, prompt:
         extra["kad"] = kad
     if args.ignore_eos:
         extra["ignore_eos"] = True
-    common = dict(model=model, max_tokens=args.max_tokens, temperature=args.temperature,
-                  seed=seed, stream=True, stream_options={"include_usage": True},
-                  extra_body=extra or None)
+    common = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+              "seed": seed, "stream": True, "stream_options": {"include_usage": True},
+              "extra_body": extra or None}
     start = time.perf_counter()
     if args.endpoint == "chat":
         stream = await client.chat.completions.create(
@@ -181,7 +195,7 @@ def _median(values: list[float | None]) -> float | None:
 
 def make_record(setting: BenchSetting, concurrency: int, gamma: int | None,
                 gamma_reported: int | None, runs: list[dict[str, Any]],
-                args: argparse.Namespace) -> dict[str, Any]:
+                args: argparse.Namespace, task: str | None = None) -> dict[str, Any]:
     """The shared benchmark record (see ``bench.plots``) plus the serving extras."""
     rates = [r["tokens_per_s"] for r in runs]
     return {
@@ -198,36 +212,56 @@ def make_record(setting: BenchSetting, concurrency: int, gamma: int | None,
         "acceptance_repeats": [r["acceptance_rate"] for r in runs],
         "errors": sum(r["errors"] for r in runs),
         "requests_per_round": concurrency * args.requests_per_slot,
-        "max_tokens": args.max_tokens, "endpoint": args.endpoint, "source": "serve",
+        "max_tokens": args.max_tokens, "endpoint": args.endpoint, "task": task,
+        "source": "serve",
     }
+
+
+def prompt_sets(args: argparse.Namespace) -> dict[str | None, list[str]]:
+    """task -> prompts: the benchmarks' paper prompts, a prompt file, or the built-in ones."""
+    if args.task:
+        from bench.eval.datasets import default_data_dir, load_task
+        from bench.eval.prompts import messages
+
+        args.endpoint = "chat"
+        data_dir = args.data_dir or default_data_dir()
+        try:
+            return {task: [messages(item)[-1]["content"]
+                           for item in load_task(task, data_dir)[: args.task_prompts]]
+                    for task in args.task}
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"kad-bench serve: {exc}") from exc
+    if args.prompts:
+        return {None: [line for line in args.prompts.read_text().splitlines() if line.strip()]}
+    return {None: PROMPTS}
 
 
 async def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     import openai
 
-    prompts = PROMPTS
-    if args.prompts:
-        prompts = [line for line in args.prompts.read_text().splitlines() if line.strip()]
+    sets = prompt_sets(args)
     settings = [BenchSetting.parse(text) for text in args.settings]
-    client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0,
+    client = openai.AsyncOpenAI(base_url=openai_base_url(args.base_url), api_key=args.api_key, max_retries=0,
                                 timeout=args.timeout)
     listing = (await client.models.list()).data
     model = args.model or listing[0].id
     served = next((m for m in listing if m.id == model), None)
     model_gamma = _gamma_from(served.model_extra if served else None)
     records = []
-    for setting in settings:
-        for concurrency in args.concurrency:
-            for w in range(args.warmup):
-                await one_round(client, args, model, setting.kad(), concurrency, prompts,
-                                10_000 * (w + 1))
-            runs = [await one_round(client, args, model, setting.kad(), concurrency, prompts,
-                                    1_000 * (r + 1)) for r in range(args.repeats)]
-            reported = next((r["gamma"] for r in runs if r["gamma"] is not None), model_gamma)
-            gamma = args.gamma_label if args.gamma_label is not None else reported
-            record = make_record(setting, concurrency, gamma, reported, runs, args)
-            records.append(record)
-            print(format_record(record), flush=True)
+    for task, prompts in sets.items():
+        for setting in settings:
+            for concurrency in args.concurrency:
+                for w in range(args.warmup):
+                    await one_round(client, args, model, setting.kad(), concurrency, prompts,
+                                    10_000 * (w + 1))
+                runs = [await one_round(client, args, model, setting.kad(), concurrency,
+                                        prompts, 1_000 * (r + 1)) for r in range(args.repeats)]
+                reported = next((r["gamma"] for r in runs if r["gamma"] is not None),
+                                model_gamma)
+                gamma = args.gamma_label if args.gamma_label is not None else reported
+                record = make_record(setting, concurrency, gamma, reported, runs, args, task)
+                records.append(record)
+                print(format_record(record), flush=True)
     await client.close()
     return records
 
@@ -236,7 +270,8 @@ def format_record(record: dict[str, Any]) -> str:
     def fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
         return "-" if value is None else format(value * scale, spec)
 
-    return (f"{record['system']:<24} gamma={record['gamma']!s:<4} "
+    task = f"{record['task']:<10} " if record.get("task") else ""
+    return (f"{task}{record['system']:<24} gamma={record['gamma']!s:<4} "
             f"conc={record['concurrency']:<3} {record['tokens_per_s']:9.1f} tok/s "
             f"[{record['tokens_per_s_min']:.1f}-{record['tokens_per_s_max']:.1f}]  "
             f"per-request {fmt(record['per_request_tokens_per_s'], '.1f')} tok/s  "
@@ -245,13 +280,42 @@ def format_record(record: dict[str, Any]) -> str:
 
 
 def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``old`` with ``new`` added; a new record replaces one with the same system, gamma
-    and concurrency."""
+    """``old`` with ``new`` added; a new record replaces one with the same system, gamma,
+    concurrency and task."""
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
-        return r.get("system"), r.get("gamma"), r.get("concurrency")
+        return r.get("system"), r.get("gamma"), r.get("concurrency"), r.get("task")
 
     replaced = {key(r) for r in new}
     return [r for r in old if key(r) not in replaced] + new
+
+
+def tables_markdown(records: list[dict[str, Any]], concurrency: int | None = None) -> str:
+    """The paper's Tables 4 (tokens/s) and 5 (acceptance %): rows = system and gamma,
+    columns = tasks plus the average, at one concurrency (default: the lowest)."""
+    if not records:
+        return ""
+    level = concurrency if concurrency is not None else min(r["concurrency"] for r in records)
+    chosen = [r for r in records if r["concurrency"] == level]
+    tasks = sorted({r.get("task") or "-" for r in chosen})
+    rows = sorted({(r["system"], r.get("gamma")) for r in chosen},
+                  key=lambda row: (row[0], row[1] is None, row[1] or 0))
+    cells = {(r["system"], r.get("gamma"), r.get("task") or "-"): r for r in chosen}
+    out = []
+    for title, key, scale in [("Throughput, tokens/s (Table 4 layout)", "tokens_per_s", 1.0),
+                              ("Acceptance rate, % (Table 5 layout)", "acceptance_rate", 100.0)]:
+        out += [f"### {title}, concurrency {level}", "",
+                "| system | gamma | " + " | ".join(tasks) + " | Avg. |",
+                "|" + "---|" * (len(tasks) + 3)]
+        for system, gamma in rows:
+            values = [(cells.get((system, gamma, t)) or {}).get(key) for t in tasks]
+            present = [v * scale for v in values if v is not None]
+            if not present:
+                continue
+            shown = ["-" if v is None else f"{v * scale:.1f}" for v in values]
+            out.append(f"| {system} | {'-' if gamma is None else gamma} | "
+                       + " | ".join(shown) + f" | {sum(present) / len(present):.1f} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -261,7 +325,10 @@ def run(args: argparse.Namespace) -> int:
     if path.exists() and not args.overwrite:
         records = merge_records(json.loads(path.read_text()), records)
     path.write_text(json.dumps(records, indent=2))
-    written = [str(path)]
+    tables = tables_markdown(records, args.table_concurrency)
+    (args.out / "tables.md").write_text(tables)
+    print(tables)
+    written = [str(path), str(args.out / "tables.md")]
     if not args.no_plots:
         from bench.plots import render_all
 

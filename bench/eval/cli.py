@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.client import openai_base_url
 from bench.eval.datasets import LOADERS, Item, default_data_dir, load_task
 from bench.eval.report import comparison_table, summarize
 from bench.eval.runner import Job, RequestOptions, Setting, done_ids, load_records, run_jobs
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kad-eval", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                        help="the API root; a bare server address gets /v1 appended")
     parser.add_argument("--api-key", default="none", help="or the server's key")
     parser.add_argument("--model", help="model name (default: the server's first model)")
     parser.add_argument("--task", action="append", required=True,
@@ -131,7 +133,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     settings = parse_settings(getattr(args, "ordered_settings", None))
     tasks = _load_tasks(args)
-    client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0,
+    client = openai.AsyncOpenAI(base_url=openai_base_url(args.base_url), api_key=args.api_key, max_retries=0,
                                 timeout=args.timeout)
     jobs, total = [], 0
     for setting in settings:
