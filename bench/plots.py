@@ -21,19 +21,27 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 # The KAD paper's Figure 2 colours: dual approximation brown, primal blue, nudging red.
 RULE_COLOURS = {"kad_dual": "tab:brown", "kad_primal": "tab:blue", "nudging": "tab:red"}
+OTHER_COLOURS = ["tab:gray", "tab:green", "tab:orange", "tab:purple", "tab:olive", "tab:cyan",
+                 "tab:pink", "black"]
+GAMMA_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
 
 
 def _gamma_key(gamma: Any) -> tuple[bool, Any]:
     return gamma is None, gamma if gamma is not None else 0
 
 
-def _colour(records: list[dict[str, Any]], system: str) -> str | None:
-    rule = next((r.get("rule") for r in records if r["system"] == system), None)
-    return RULE_COLOURS.get(rule or "")
+def _colours(systems: list[str]) -> dict[str, str]:
+    """Paper colours for ``kad:<rule>:...`` systems of its three rules, distinct others."""
+    colours, others = {}, iter(OTHER_COLOURS * (1 + len(systems) // len(OTHER_COLOURS)))
+    for system in sorted(set(systems)):
+        parts = system.split(":")
+        rule = parts[1] if parts[0] == "kad" and len(parts) > 1 else None
+        colours[system] = RULE_COLOURS.get(rule or "") or next(others)
+    return colours
 
 
 def _spread(values: list[float], centre: float) -> tuple[float, float]:
@@ -56,6 +64,7 @@ def plot_acceptance(records: list[dict[str, Any]], path: Path) -> Path:
                 v for v in r.get("acceptance_repeats") or [] if v is not None]
     systems = sorted({s for s, _ in values})
     gammas = sorted({g for _, g in values}, key=_gamma_key)
+    colours = _colours(systems)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     width = 0.8 / max(1, len(systems))
     for k, system in enumerate(systems):
@@ -70,7 +79,7 @@ def plot_acceptance(records: list[dict[str, Any]], path: Path) -> Path:
             errs[0].append(max(0.0, low))
             errs[1].append(max(0.0, high))
         ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=system,
-               color=_colour(records, system))
+               color=colours[system])
     ax.set_xticks(range(len(gammas)), ["n/a" if g is None else str(g) for g in gammas])
     ax.set_xlabel("gamma (draft tokens per step)")
     ax.set_ylabel("acceptance rate")
@@ -81,31 +90,40 @@ def plot_acceptance(records: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _series_label(record: dict[str, Any]) -> str:
-    gamma = record.get("gamma")
-    return record["system"] if gamma is None else f"{record['system']} γ={gamma}"
-
-
 def _plot_vs_concurrency(records: list[dict[str, Any]], path: Path, key: str, repeats_key: str,
                          ylabel: str, title: str, scale: float = 1.0) -> Path:
-    series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    """One line per (system, gamma): colour = system, line style and marker = gamma.
+
+    Records of several tasks at one concurrency are averaged; error bars span all repeats.
+    """
+    series: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if r.get(key) is not None:
-            series[_series_label(r)].append(r)
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for label, points in sorted(series.items()):
-        points.sort(key=lambda r: r["concurrency"])
-        ys = [r[key] * scale for r in points]
-        spreads = [_spread([v * scale for v in r.get(repeats_key) or [] if v is not None], y)
-                   for r, y in zip(points, ys, strict=True)]
-        ax.errorbar([r["concurrency"] for r in points], ys, marker="o", capsize=3, label=label,
-                    yerr=[[max(0.0, s[0]) for s in spreads], [max(0.0, s[1]) for s in spreads]],
-                    color=_colour(records, points[0]["system"]))
+            series[r["system"], r.get("gamma")].append(r)
+    colours = _colours([system for system, _ in series])
+    gammas = sorted({gamma for _, gamma in series}, key=_gamma_key)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for (system, gamma), points in sorted(series.items(), key=lambda kv: (kv[0][0],
+                                                                         _gamma_key(kv[0][1]))):
+        by_level: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in points:  # several tasks at one concurrency: their mean
+            by_level[r["concurrency"]].append(r)
+        levels = sorted(by_level)
+        ys = [statistics.fmean(r[key] for r in by_level[c]) * scale for c in levels]
+        spreads = [_spread([v * scale for r in by_level[c] for v in r.get(repeats_key) or []
+                            if v is not None], y) for c, y in zip(levels, ys, strict=True)]
+        style, marker = GAMMA_STYLES[gammas.index(gamma) % len(GAMMA_STYLES)]
+        ax.errorbar(levels, ys, capsize=3, color=colours[system],
+                    linestyle=style, marker=marker,
+                    label=system if gamma is None else f"{system} γ={gamma}",
+                    yerr=[[max(0.0, s[0]) for s in spreads], [max(0.0, s[1]) for s in spreads]])
+    concurrencies = sorted({r["concurrency"] for points in series.values() for r in points})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel(ylabel)
     if series:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title)
     return _save(fig, path)
 

@@ -102,7 +102,7 @@ class ReferenceDecoder:
 
         dtype = kwargs.pop("dtype", torch.float32)
         device = kwargs.pop("device", "cpu")
-        load = dict(dtype=dtype)
+        load = {"dtype": dtype}
         target_model = AutoModelForCausalLM.from_pretrained(target, **load).to(device)
         draft_model = AutoModelForCausalLM.from_pretrained(draft, **load).to(device)
         kwargs.setdefault("eos_token_id", target_model.config.eos_token_id)

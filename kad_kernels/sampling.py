@@ -51,10 +51,11 @@ def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -
     Inverse CDF in float64, an order of magnitude cheaper than ``multinomial`` or per-token
     random noise on a 150k vocabulary. A cumulative sum over a whole row is a serial scan,
     so long rows go in two levels: block masses (a parallel reduction), a draw of a block
-    from their CDF, then a draw inside the chosen block from its own CDF. The probability
-    of token v is still ``p_v / sum(p)`` (up to float64 rounding). Zero-probability
-    tokens are never picked: their CDF step is empty and overshoots are clamped to the last
-    positive entry.
+    from their CDF, then a draw inside the chosen block from its own CDF (the same uniform,
+    rescaled: given the block, its position inside is uniform). The probability of token v
+    is still ``p_v / sum(p)``, up to the rounding of float32 block sums (~1e-7 relative, the
+    precision ``pi`` itself is computed in). Zero-probability tokens are never picked: their
+    CDF step is empty and overshoots are clamped to the last positive entry.
     """
     vocab = probs.shape[-1]
     rows = probs.reshape(-1, vocab)

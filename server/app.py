@@ -2,7 +2,8 @@
 
 The engine starts in the background when the app starts, so ``/health`` answers (503)
 while models load; generation endpoints answer 503 until the engine is ready, after it
-died, while shutting down, and when more requests wait than the configured bound.
+died, while shutting down, and when more requests wait than the configured bound. A client
+that disconnects (streaming or not) has its engine requests aborted.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,10 +20,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import generation
+from server.admission import Admission
 from server.config import ServeConfig
 from server.engine import Engine, build_engine
 from server.errors import APIError, error_response, install_error_handlers
-from server.metrics import ServerMetrics
+from server.metrics import MetricsMiddleware, ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,70 @@ class ServerState:
     def __init__(self, config: ServeConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
-        self.inflight = 0  # engine requests admitted and not yet finished
+        self.admission = Admission(config.server.max_waiting_requests)
         self.start_error: BaseException | None = None
         self.start_task: asyncio.Task | None = None
-        self.metrics = ServerMetrics(engine.totals, lambda: self.inflight)
+        self.drain_task: asyncio.Future | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.metrics = ServerMetrics(engine.totals, lambda: self.admission.running)
+
+    def begin_shutdown(self) -> None:
+        """Called on SIGTERM (from the signal handler): refuse new requests, let in-flight
+        ones finish for ``server.shutdown_grace_s``, then abort the rest cleanly."""
+        if self.loop is None:
+            return
+
+        def drain() -> None:
+            if self.drain_task is None:
+                grace = self.config.server.shutdown_grace_s
+                self.drain_task = asyncio.ensure_future(self.admission.drain(grace))
+
+        self.loop.call_soon_threadsafe(drain)
+
+
+class JobStreamingResponse(StreamingResponse):
+    """An SSE response that always closes its generator and releases its job, whether it
+    ran to the end, the client left, or it never started (client gone before headers)."""
+
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._events, self._release = events, release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._events.aclose()  # cancels the choices: the engine aborts them
+            finally:
+                self._release()
+
+
+async def _until_disconnect(receive) -> None:
+    """Returns when the client hangs up (FastAPI has read the whole body by then)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
+    """Run a non-streaming job, cancelling it (so the engine aborts it) if the client goes."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, listener):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, listener, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return task.result()
 
 
 def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine) -> FastAPI:
+    """The app; ``engine_factory`` lets tests serve a fake engine through the same code."""
     engine = engine_factory(config)
     state = ServerState(config, engine)
 
@@ -52,28 +110,23 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
         async def start() -> None:
             try:
                 await engine.start()
-            except BaseException as exc:  # noqa: BLE001 - kept for /health and logs
+            except BaseException as exc:  # kept for /health and logs
                 state.start_error = exc
                 logger.exception("engine failed to start")
 
+        state.loop = asyncio.get_running_loop()
         state.start_task = asyncio.create_task(start())
         yield
         state.start_task.cancel()
         await asyncio.gather(state.start_task, return_exceptions=True)
+        if state.drain_task is not None:
+            await asyncio.gather(state.drain_task, return_exceptions=True)
         await engine.shutdown()
 
     app = FastAPI(title="kad-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kad = state
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path if request.url.path in _ROUTES else "other"
-        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        state.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=_ROUTES)
 
     def authorize(request: Request) -> None:
         key = config.server.api_key
@@ -81,51 +134,51 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), key):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), key.encode()
+        ):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    def require_ready() -> None:
+    def unavailable() -> APIError | None:
         if state.start_error is not None or engine.errored:
-            raise APIError(503, "the engine is not running", code="engine_dead")
+            return APIError(503, "the engine is not running", code="engine_dead")
         if not engine.ready:
-            raise APIError(503, "the engine is still loading", code="engine_not_ready")
+            return APIError(503, "the engine is still loading", code="engine_not_ready")
+        if state.admission.draining:
+            return APIError(503, "the server is shutting down", code="shutting_down")
+        return None
+
+    def require_ready() -> None:
+        error = unavailable()
+        if error is not None:
+            raise error
 
     def check_model(model: str) -> None:
         if model != engine.served_model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves "
                                 f"'{engine.served_model_name}'", "model", "model_not_found")
 
-    def admit(count: int) -> None:
-        if state.inflight + count > config.server.max_waiting_requests:
-            raise APIError(503, "server busy: too many requests waiting; retry later",
-                           code="queue_full")
-
-    async def respond(job: generation.Job, stream: bool, endpoint: str) -> Any:
-        count = len(job.choices)
-        state.inflight += count
-        if not stream:
-            try:
-                return await generation.complete(job, state.metrics, endpoint)
-            finally:
-                state.inflight -= count
-
-        async def events():
-            try:
-                async for event in generation.stream(job, state.metrics, endpoint):
-                    yield event
-            finally:
-                state.inflight -= count
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+    async def run_job(body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
+                      kind: str, endpoint: str, request: Request) -> Any:
+        state.admission.check(len(prompts) * body.n)
+        job = generation.start_job(engine, body, prompts, kind)
+        state.admission.add(job)  # no await since check(): the bound holds
+        if body.stream:
+            events = generation.stream(job, state.metrics, endpoint)
+            return JobStreamingResponse(events, lambda: state.admission.release(job))
+        try:
+            return await _unless_client_leaves(
+                request, generation.complete(job, state.metrics, endpoint)
+            )
+        finally:
+            state.admission.release(job)
 
     @app.get("/health")
     async def health() -> Response:
-        if state.start_error is not None or engine.errored:
-            return error_response(503, "the engine is not running", code="engine_dead")
-        if not engine.ready:
-            return error_response(503, "the engine is still loading", code="engine_not_ready")
+        error = unavailable()
+        if error is not None:
+            return error_response(error.status, error.message, code=error.code)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -140,22 +193,21 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
         }]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        body.reject_unsupported()
         require_ready()
         check_model(body.model)
         prompts = _completion_prompts(body, engine)
-        admit(len(prompts) * body.n)
-        job = generation.start_job(engine, body, prompts, "text_completion")
-        return await respond(job, body.stream, "/v1/completions")
+        return await run_job(body, prompts, "text_completion", "/v1/completions", request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        body.reject_unsupported()
         require_ready()
         check_model(body.model)
         prompt = _chat_prompt(body, engine)
-        admit(body.n)
-        job = generation.start_job(engine, body, [prompt], "chat.completion")
-        return await respond(job, body.stream, "/v1/chat/completions")
+        return await run_job(body, [prompt], "chat.completion", "/v1/chat/completions",
+                             request)
 
     return app
 
@@ -172,7 +224,7 @@ def _chat_prompt(body: ChatCompletionRequest, engine: Engine) -> list[int]:
         )
     except ValueError as exc:
         raise APIError(400, str(exc), "messages") from exc
-    except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
+    except Exception as exc:  # template errors are the request's fault
         raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     if not ids:

@@ -1,8 +1,9 @@
 """``kad-serve``: load a config, apply command-line overrides, serve until SIGTERM.
 
-uvicorn owns the signals: on SIGTERM it stops accepting connections, lets in-flight
-requests finish for ``server.shutdown_grace_s`` seconds, cancels what is left (which aborts
-those requests in the engine), shuts the engine down and exits 0.
+On SIGTERM (or Ctrl-C) uvicorn stops accepting connections while the app answers 503 to
+new requests, lets in-flight requests finish for ``server.shutdown_grace_s`` seconds and
+then aborts the rest in the engine (their streams end with ``finish_reason: "abort"``);
+then the engine shuts down and the process exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
 
 from server.config import ConfigError, ServeConfig, load_config
 
@@ -54,26 +60,48 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
     return ServeConfig.model_validate(raw)
 
 
-def run(config: ServeConfig, engine_factory=None, log_level: str = "info") -> int:
-    import uvicorn
+# uvicorn's own deadline, a backstop behind the app's drain (which aborts at the grace end).
+_BACKSTOP_S = 5.0
 
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that tells the app to drain as soon as the exit signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def run(config: ServeConfig, engine_factory: Callable | None = None,
+        log_level: str = "info") -> int:
+    """Serve ``config`` until SIGTERM/SIGINT; returns the exit status (0 after a clean drain).
+
+    ``engine_factory`` (default: the vLLM engine) is how tests serve a fake engine.
+    """
     from server.app import create_app
 
     if config.build_tiny_models:
-        from pathlib import Path
-
         from kad_kernels.tiny_models import build_tiny_pair
 
         build_tiny_pair(Path(config.models.target).parent)
     kwargs = {} if engine_factory is None else {"engine_factory": engine_factory}
     app = create_app(config, **kwargs)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=config.server.host, port=config.server.port, log_level=log_level,
-        timeout_graceful_shutdown=config.server.shutdown_grace_s, access_log=False,
-    ))
-    # uvicorn drains on SIGTERM, restores the previous handler and re-raises the signal;
-    # this handler turns that into a clean exit status 0.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server = DrainingServer(
+        uvicorn.Config(
+            app, host=config.server.host, port=config.server.port, log_level=log_level,
+            timeout_graceful_shutdown=config.server.shutdown_grace_s + _BACKSTOP_S,
+            access_log=False,
+        ),
+        on_exit=app.state.kad.begin_shutdown,
+    )
+    # uvicorn re-raises the captured signal after draining, under the handler it found on
+    # start: with these no-ops that ends `run` normally, so the process exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return 0
 

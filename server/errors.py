@@ -57,6 +57,9 @@ def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
     message = message.removeprefix("Value error, ")
     if error.get("type") == "json_invalid":
         return "request body is not valid JSON", None
+    if not field and error.get("type") in ("model_attributes_type", "dict_type"):
+        return ("request body must be a JSON object (send Content-Type: application/json)",
+                None)
     if error.get("type") == "missing":
         return f"field '{field}' is required", field
     if error.get("type") == "extra_forbidden":

@@ -2,8 +2,9 @@
 
 One HTTP request becomes ``len(prompts) * n`` engine requests ("choices"). They run as
 tasks feeding one queue, so a streaming response interleaves every choice's deltas as they
-come; cancelling the response (client gone, shutdown) cancels the tasks, and each task's
-engine generator aborts its engine request on the way out.
+come; cancelling the response (client gone) cancels the tasks, and each task's engine
+generator aborts its engine request on the way out. ``Job.interrupt`` (shutdown grace over)
+does the same from outside and lets the response end cleanly.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Choice:
     stats: RequestStats | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: admission control keeps jobs in a set
 class Job:
     """Everything one HTTP generation request needs."""
 
@@ -49,6 +50,22 @@ class Job:
     include_usage: bool
     prompt_lengths: list[int]
     created: int = field(default_factory=lambda: int(time.time()))
+    interrupted: bool = False
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    @property
+    def size(self) -> int:
+        """Engine requests this job holds (what admission control counts)."""
+        return len(self.choices)
+
+    def interrupt(self) -> None:
+        """Stop generating now (shutdown): unfinished choices end with reason "abort"."""
+        if not self.interrupted:
+            self.interrupted = True
+            self.queue.put_nowait(_INTERRUPT)
+
+
+_INTERRUPT = object()  # queue item: stop every choice of the job
 
 
 def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: int,
@@ -73,8 +90,10 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
             "max_tokens",
             "context_length_exceeded",
         )
+    if requested is None:  # not given: the endpoint's default, clamped to what remains
+        requested = min(body.default_max_tokens or room, room)
     return SamplingOptions(
-        max_tokens=requested if requested is not None else room,
+        max_tokens=requested,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k if body.top_k and body.top_k > 0 else None,
@@ -140,15 +159,21 @@ async def _pump(choice: Choice, queue: asyncio.Queue) -> None:
 
 
 async def _events(job: Job, metrics: ServerMetrics, endpoint: str) -> AsyncIterator[tuple]:
-    """Chunks of every choice as they come; cancels the choices if the consumer leaves."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """Chunks of every choice as they come; cancels the choices if the consumer leaves.
+
+    On ``Job.interrupt`` each unfinished choice gets a final empty chunk with reason "abort".
+    """
+    queue = job.queue
     tasks = [asyncio.create_task(_pump(choice, queue)) for choice in job.choices]
     started = time.perf_counter()
     first = True
     try:
         remaining = len(tasks)
         while remaining:
-            choice, chunk, error = await queue.get()
+            item = await queue.get()
+            if item is _INTERRUPT:
+                break
+            choice, chunk, error = item
             if chunk is None:
                 remaining -= 1
                 if error is not None:
@@ -162,6 +187,10 @@ async def _events(job: Job, metrics: ServerMetrics, endpoint: str) -> AsyncItera
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    for choice in job.choices:  # only after an interrupt
+        if choice.finish_reason is None:
+            choice.finish_reason = "abort"
+            yield choice, GenerationChunk([], "", finished=True, finish_reason="abort")
 
 
 def _record(job: Job, metrics: ServerMetrics) -> None:
@@ -176,9 +205,12 @@ async def complete(job: Job, metrics: ServerMetrics, endpoint: str) -> dict[str,
             pass
     except APIError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise APIError(500, f"generation failed: {exc}") from exc
     _record(job, metrics)
+    if job.interrupted:
+        raise APIError(503, "the server is shutting down; the request was aborted",
+                       code="shutting_down")
     choices = []
     for choice in sorted(job.choices, key=lambda c: c.index):
         entry: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason,

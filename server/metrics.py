@@ -6,7 +6,8 @@ read from the engine at scrape time, so they always agree with the engine's own 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -71,3 +72,35 @@ class ServerMetrics:
                               registry=self.registry)
         running_gauge.set_function(lambda: float(running()))
         self.registry.register(_AlignmentCollector(totals))
+
+
+class MetricsMiddleware:
+    """Counts HTTP requests by endpoint and status and times them to the last byte sent.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``): streaming responses are timed to their end, and
+    the disconnect message still reaches the handlers that listen for it.
+    """
+
+    def __init__(self, app, metrics: ServerMetrics, routes: Collection[str]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # an exception before the response started
+
+        async def record_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            path = scope.get("path", "")
+            endpoint = path if path in self.routes else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

@@ -8,11 +8,12 @@ dropped. ``kad`` carries the per-request alignment settings.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from server.alignment import AlignmentSettings
+from server.errors import APIError
 
 # Fields that change semantics and are not implemented: a 400 naming the field.
 UNSUPPORTED_FIELDS = (
@@ -33,6 +34,8 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
 }
 MAX_N = 16
 MAX_STOP = 8
+# Clients (and OpenAI itself) treat an explicit null as "use the default".
+_NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "ignore_eos", "max_tokens")
 
 
 class StreamOptions(BaseModel):
@@ -57,13 +60,21 @@ class _Common(BaseModel):
     ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-text
     kad: AlignmentSettings | None = None
 
-    @model_validator(mode="after")
-    def _reject_unsupported(self) -> _Common:
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in _NULL_MEANS_DEFAULT)}
+        return data
+
+    def reject_unsupported(self) -> None:
+        """400 naming the first field that would change the output and is not implemented."""
+        extra = self.model_extra or {}
         for name in UNSUPPORTED_FIELDS:
-            extra = self.model_extra or {}
             if name in extra and extra[name] not in _OFF_VALUES.get(name, (None,)):
-                raise ValueError(f"field '{name}' is not supported by this server")
-        return self
+                raise APIError(400, f"field '{name}' is not supported by this server", name,
+                               "unsupported_field")
 
     @field_validator("stop")
     @classmethod
@@ -103,6 +114,9 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
+    # Not given: the rest of the context window.
+    default_max_tokens: ClassVar[int | None] = None
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -110,7 +124,8 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    # Not given: OpenAI's 16, clamped to the rest of the context window (as vLLM does).
+    default_max_tokens: ClassVar[int | None] = 16
 
     @field_validator("prompt")
     @classmethod

@@ -1,13 +1,16 @@
 """A deterministic stand-in for the vLLM engine, for fast HTTP-layer tests.
 
-Implements ``server.engine.interface.Engine``: tokens are drawn from a seeded RNG over the
-real tiny tokenizer's vocabulary, one per chunk with a short sleep so streams interleave;
-stop strings use the server's own detokenizer; aborted requests are tracked.
+Implements ``server.engine.interface.Engine``. Tokens are drawn from a seeded RNG over the
+tokenizer's whole-word tokens (" the", " answer", ...), which re-encode to exactly the same
+ids, so a test can check ``usage`` against the returned text. One token per chunk with a
+short sleep, so streams interleave; stop strings use the server's own detokenizer, as the
+real engine does; every request that ends without finishing is recorded as aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections import defaultdict
 
@@ -17,30 +20,52 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions
 
 
+def word_tokens(tokenizer) -> list[int]:
+    """Ids of tokens " word" that encode back to themselves (concatenations round-trip)."""
+    words = []
+    for token in range(len(tokenizer)):
+        if token in tokenizer.all_special_ids:
+            continue
+        text = tokenizer.decode([token])
+        if (len(text) >= 3 and text[0] == " " and text[1:].isascii() and text[1:].isalpha()
+                and tokenizer.encode(text, add_special_tokens=False) == [token]):
+            words.append(token)
+    return words
+
+
+class EngineFailure(RuntimeError):
+    """What ``fail_after`` raises inside a generation (an engine crash mid-request)."""
+
+
 class FakeEngine:
     def __init__(self, config: ServeConfig, tokenizer, start_delay: float = 0.0,
-                 token_delay: float = 0.002) -> None:
+                 token_delay: float = 0.002, fail_start: bool = False,
+                 fail_after: int | None = None) -> None:
         self.served_model_name = config.models.served_model_name
         self.max_model_len = config.engine.max_model_len
         self.default_alignment = config.alignment
         self.tokenizer = tokenizer
         self.start_delay, self.token_delay = start_delay, token_delay
+        self.fail_start, self.fail_after = fail_start, fail_after
         self._ready = False
+        self.errored = False  # tests set it to simulate a dead engine
+        self.shut_down = False
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.seen: list[tuple[str, list[int], SamplingOptions, AlignmentSettings]] = []
         self._totals: dict[str, RequestStats] = defaultdict(RequestStats)
-        self._plain = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+        self._pool = word_tokens(tokenizer)
+        assert len(self._pool) >= 10, "the tokenizer has too few whole-word tokens"
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
+        if self.fail_start:
+            raise RuntimeError("fake engine failed to load")
         self._ready = True
 
     @property
     def ready(self) -> bool:
-        return self._ready
-
-    errored = False
+        return self._ready and not self.errored
 
     def generate(self, request_id, prompt_token_ids, sampling, alignment):
         if not prompt_token_ids:
@@ -59,15 +84,17 @@ class FakeEngine:
         try:
             for step in range(sampling.max_tokens):
                 await asyncio.sleep(self.token_delay)
-                token = rng.choice(self._plain)
+                if self.fail_after is not None and step == self.fail_after:
+                    raise EngineFailure("fake engine crashed")
+                token = rng.choice(self._pool)
                 text = detok.add([token])
                 last = step == sampling.max_tokens - 1 or detok.stopped
                 if last:
                     text += "" if detok.stopped else detok.flush()
-                    stats = RequestStats(drafted=2 * (step + 1), accepted=step + 1,
-                                         emitted=step + 1, positions=step + 1,
-                                         alpha_sum=0.5 * (step + 1),
-                                         deferred_positions=step + 1)
+                    emitted = len(detok.token_ids)
+                    stats = RequestStats(drafted=2 * emitted, accepted=emitted, emitted=emitted,
+                                         positions=emitted, alpha_sum=0.5 * emitted,
+                                         deferred_positions=emitted)
                     self._totals[alignment.rule].add(stats)
                     finished = True
                     yield GenerationChunk([token], text, True,
@@ -91,3 +118,41 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         self._ready = False
+        self.shut_down = True
+
+
+# --- serving the fake engine in tests -------------------------------------------------------
+MODEL = "kad-test"
+
+
+def fake_config(max_model_len: int = 256, **server) -> ServeConfig:
+    """A config for the fake engine (model paths unused); ``server`` overrides ServerSettings."""
+    return ServeConfig.model_validate({
+        "models": {"target": "unused", "draft": "unused", "served_model_name": MODEL},
+        "engine": {"max_model_len": max_model_len},
+        "server": {"max_waiting_requests": 64, **server},
+    })
+
+
+@functools.cache
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def serve_fake(tokenizer, engine_options: dict | None = None, max_model_len: int = 256,
+               **server):
+    """(ServerThread, FakeEngine): the real app on a free port with a fake engine."""
+    from serving import ServerThread
+
+    from server.app import create_app
+
+    engines: list[FakeEngine] = []
+
+    def factory(config: ServeConfig) -> FakeEngine:
+        engines.append(FakeEngine(config, tokenizer, **(engine_options or {})))
+        return engines[-1]
+
+    app = create_app(fake_config(max_model_len, **server), engine_factory=factory)
+    return ServerThread(app), engines[0]

@@ -76,7 +76,7 @@ def prompt(tiny_engine):
 def test_first_token_is_distributed_as_pi(tiny_engine, reference_factory, prompt, rule):
     alignment = AlignmentSettings.paper_default(rule)
     reference = reference_factory(rule, alignment.param)
-    p, q_star, pi = reference.next_distributions(prompt)
+    p, _, pi = reference.next_distributions(prompt)
     counts, _ = first_tokens(tiny_engine, prompt, alignment, SAMPLES)
     assert pooled_chi_square_pvalue(counts, pi, SAMPLES) > 1e-3, (rule, tv(counts, pi, SAMPLES))
     # The test has teeth: where pi is far from p, sampling p (hook inactive) is rejected.

@@ -8,17 +8,23 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fake_engine import FakeEngine
+from serving import ServerThread
 
 from bench.eval import cli as eval_cli
-from bench.eval.datasets import load_gsm8k, load_math500, load_multiple_choice, load_svamp, \
-    load_truthfulqa, load_question_answer
+from bench.eval.datasets import (
+    load_gsm8k,
+    load_math500,
+    load_multiple_choice,
+    load_question_answer,
+    load_svamp,
+    load_truthfulqa,
+)
 from bench.eval.extract import last_boxed, last_letter, last_number, normalize_boxed
 from bench.eval.report import wilson
 from bench.plots import plot_acceptance, plot_throughput
 from server.app import create_app
 from server.config import ServeConfig
-from fake_engine import FakeEngine
-from serving import ServerThread
 
 DATA = Path(__file__).parent / "data"
 

@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.eval.datasets import Item, default_data_dir, load_gsm8k, load_math500, \
-    load_multiple_choice, load_question_answer, load_svamp, load_task, load_truthfulqa
+from bench.eval.datasets import (
+    Item,
+    default_data_dir,
+    load_gsm8k,
+    load_math500,
+    load_multiple_choice,
+    load_question_answer,
+    load_svamp,
+    load_task,
+    load_truthfulqa,
+)
 from bench.eval.prompts import messages
 
 DATA = Path(__file__).parent / "data"

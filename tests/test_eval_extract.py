@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from bench.eval.datasets import Item
-from bench.eval.extract import answers_match, last_boxed, last_letter, last_number, \
-    normalize_boxed, normalize_number
+from bench.eval.extract import (
+    answers_match,
+    last_boxed,
+    last_letter,
+    last_number,
+    normalize_boxed,
+    normalize_number,
+)
 from bench.eval.runner import extract
 
 

@@ -23,8 +23,8 @@ def prompt_ids(tiny_pair):
 
 
 def test_tiny_pair_is_deterministic_cached_and_loadable(tiny_pair, tmp_path):
-    from transformers import AutoConfig, AutoTokenizer
     from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
 
     again = build_tiny_pair(tiny_pair.root)  # cached: returns without rebuilding
     assert again == tiny_pair

@@ -162,11 +162,38 @@ def test_without_bonus_position_no_bonus_is_emitted():
     assert tokens[:, :2].tolist() == [[1, 2]] * 4
 
 
-def test_zero_mass_residual_samples_from_pi():
-    """pi == q* up to rounding but the draft is rejected by a tiny ratio: no crash, and the
-    emitted token comes from pi."""
+def test_zero_mass_residual_samples_from_pi(monkeypatch):
+    """pi == q* exactly, and every draft is forced to be rejected (acceptance uniforms of 1,
+    which torch.rand never returns): the residual max(0, pi - q*) is all zeros, so the
+    correction must come from pi itself, with pi's distribution (a zero residual row
+    drawn as it is would always give token 0, which has no mass here)."""
+    pi = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])
+    trials = 20_000
+    real_rand = torch.rand
+    calls = []
+
+    def rand_with_uniform_one_first(*args, **kwargs):
+        out = real_rand(*args, **kwargs)
+        calls.append(out.shape)
+        return torch.ones_like(out) if len(calls) == 1 else out
+
+    monkeypatch.setattr(torch, "rand", rand_with_uniform_one_first)
+    gen = torch.Generator().manual_seed(0)
+    drafts = torch.full((trials, 1), 3)
+    tokens, num = speculative_verify(
+        pi.expand(trials, 1, -1), pi.expand(trials, 1, -1), drafts, generator=gen
+    )
+    assert calls[0] == (trials, 1)  # the acceptance uniforms were the forced ones
+    assert bool((num == 1).all())
+    counts = np.bincount(tokens[:, 0].numpy(), minlength=5)
+    assert counts[0] == 0
+    assert _chi2_pvalue(counts, pi.double().numpy()) > P_VALUE
+
+
+def test_rounding_level_residual_does_not_crash():
+    """pi == q* up to float rounding: whatever the verdict, the token has mass in pi."""
     q_star = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
-    pi = torch.tensor([[0.5 - 1e-9, 0.5 + 1e-9, 0.0, 0.0]])
+    pi = torch.tensor([[0.5 - 3e-8, 0.5 + 6e-8, 0.0, 0.0]])
     gen = torch.Generator().manual_seed(0)
     drafts = torch.zeros(5000, 1, dtype=torch.long)
     tokens, num = speculative_verify(
@@ -200,7 +227,7 @@ def test_sample_rows_two_level_path_is_exact():
     """Rows longer than 4 blocks are drawn block first, then inside the block: the draws
     still follow the row (unnormalised, mass at block edges and in the ragged last block)
     and never land on a zero-probability token."""
-    vocab, trials = 6000, 40_000  # 5 blocks of 1024 and a ragged block of 880
+    vocab, trials = 6000, 20_000  # 5 blocks of 1024 and a ragged block of 880
     support = torch.tensor([0, 5, 1023, 1024, 2047, 3000, 4095, 4096, 5119, 5120, 5121,
                             5500, 5998, 5999])
     gen = torch.Generator().manual_seed(12)

@@ -24,7 +24,7 @@ def last_number(text: str) -> str | None:
     return normalize_number(matches[-1].replace(",", ""))
 
 
-def normalize_number(value: str | float | int) -> str | None:
+def normalize_number(value: str | float) -> str | None:
     """``"72.0"``, ``"72"``, ``72``, ``"1,200"`` -> ``"72"``/``"1200"``; ``"0.50"`` -> ``"0.5"``."""
     try:
         number = float(str(value).replace(",", "").replace("$", "").strip().rstrip("."))

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.eval.datasets import LETTERS, Item
-from bench.eval.extract import answers_match, last_boxed, last_letter, last_number, \
-    normalize_boxed
+from bench.eval.extract import answers_match, last_boxed, last_letter, last_number, normalize_boxed
 from bench.eval.prompts import messages
 
 RETRYABLE_STATUS = {408, 409, 429}

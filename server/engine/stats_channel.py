@@ -79,7 +79,7 @@ class StatsReceiver:
             payload = await self._socket.recv()
             try:
                 stats = pickle.loads(payload)
-            except Exception:  # noqa: BLE001 - a corrupt message must not kill the loop
+            except Exception:
                 logger.exception("undecodable kad stats message dropped")
                 continue
             self._on_stats(stats)

@@ -1,0 +1,262 @@
+"""The official ``openai`` client against the server: chat and completions, streaming and
+not, ``n``, ``stop``, ``seed``, ``extra_body={"kad": ...}`` and usage.
+
+Every test takes the ``api`` fixture (URL, model name, tokenizer, fake engine or None), so
+the same tests run against any engine: by default the fake one; with
+``KAD_API_TESTS_VLLM=1`` also a real ``python -m server`` process on the tiny pair with the
+vLLM engine (slow). Another engine is one more entry in ``SERVERS``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fake_engine import MODEL, FakeEngine, load_tokenizer, serve_fake
+
+
+@dataclass
+class ApiTarget:
+    url: str
+    model: str
+    tokenizer: Any
+    default_rule: str
+    engine: FakeEngine | None  # None for a real engine: fake-only checks are skipped
+    # True when output tokens re-encode to themselves (the fake engine's whole words):
+    # then usage can be checked against the returned text token by token.
+    exact_retokenization: bool
+
+
+def _fake_server(tiny_pair):
+    thread, engine = serve_fake(load_tokenizer(str(tiny_pair.draft)))
+    try:
+        _wait_ready(thread.url)
+        yield ApiTarget(thread.url, MODEL, engine.tokenizer, "kad_dual", engine, True)
+    finally:
+        thread.stop()
+
+
+def _wait_ready(url: str, timeout: float = 30, process=None) -> None:
+    deadline = time.time() + timeout
+    while True:
+        assert process is None or process.poll() is None, "server process exited"
+        assert time.time() < deadline, "server did not become ready"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+
+
+def _vllm_server(tiny_pair):
+    """``python -m server`` with the real vLLM engine on the tiny pair (about a minute)."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+    from serving import free_port
+
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="kad-api-vllm-"))
+    (workdir / "config.yaml").write_text(yaml.safe_dump({
+        "models": {"target": str(tiny_pair.target), "draft": str(tiny_pair.draft),
+                   "served_model_name": "kad-tiny"},
+        "engine": {"num_speculative_tokens": 3, "dtype": "float32", "max_model_len": 512,
+                   "cpu_kv_cache_gib": 1, "max_num_seqs": 32},
+        "server": {"host": "127.0.0.1", "port": port},
+    }))
+    with open(workdir / "server.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--config", str(workdir / "config.yaml"),
+             "--log-level", "warning"],
+            cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, timeout=600, process=process)
+        yield ApiTarget(url, "kad-tiny", load_tokenizer(str(tiny_pair.draft)), "kad_dual",
+                        None, False)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+SERVERS = {"fake": _fake_server}
+if os.environ.get("KAD_API_TESTS_VLLM"):
+    SERVERS["vllm"] = _vllm_server
+
+
+@pytest.fixture(scope="module", params=sorted(SERVERS))
+def api(request, tiny_pair):
+    starter = SERVERS[request.param](tiny_pair)
+    yield next(starter)
+    starter.close()
+
+
+@pytest.fixture
+def client(api):
+    return openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+
+
+def chat_prompt_ids(api: ApiTarget, messages: list[dict]) -> list[int]:
+    text = api.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+    return api.tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_usage(api: ApiTarget, texts: list[str], finish: list[str], usage) -> None:
+    """completion_tokens == the token count of the returned text (whole-word fake tokens),
+    and total = prompt + completion."""
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    if api.exact_retokenization and all(reason == "length" for reason in finish):
+        counted = sum(len(api.tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+        assert usage.completion_tokens == counted
+
+
+def test_chat_completion(client, api):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 2+2?"}]
+    response = client.chat.completions.create(model=api.model, messages=messages,
+                                              max_tokens=12, seed=3,
+                                              extra_body={"ignore_eos": True})
+    choice = response.choices[0]
+    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert choice.finish_reason == "length" and response.usage.completion_tokens == 12
+    assert response.usage.prompt_tokens == len(chat_prompt_ids(api, messages))
+    check_usage(api, [choice.message.content], [choice.finish_reason], response.usage)
+    kad = response.model_extra["kad"]
+    assert kad["rule"] == api.default_rule
+    assert kad["emitted_tokens"] == 12 and kad["accepted_tokens"] <= kad["drafted_tokens"]
+    assert 0.0 <= kad["acceptance_rate"] <= 1.0 and 0.0 <= kad["mean_deferred_mass"] <= 1.0
+
+
+def test_extra_body_kad_reaches_the_engine(client, api):
+    response = client.chat.completions.create(
+        model=api.model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, seed=8,
+        extra_body={"kad": {"rule": "kad_primal", "budget": 0.7}},
+    )
+    kad = response.model_extra["kad"]
+    assert kad["rule"] == "kad_primal" and kad["param"] == 0.7
+    if api.engine is not None:
+        _, prompt, sampling, alignment = api.engine.seen[-1]
+        assert alignment.rule == "kad_primal" and alignment.budget == 0.7
+        assert sampling.seed == 8 and sampling.max_tokens == 5
+        assert prompt == chat_prompt_ids(api, [{"role": "user", "content": "hi"}])
+
+
+def test_completion_n_and_seed_reproducibility(client, api):
+    first = client.completions.create(model=api.model, prompt="Hello there", max_tokens=8,
+                                      n=2, seed=5, extra_body={"ignore_eos": True})
+    again = client.completions.create(model=api.model, prompt="Hello there", max_tokens=8,
+                                      n=2, seed=5, extra_body={"ignore_eos": True})
+    assert first.object == "text_completion"
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.choices[0].text != first.choices[1].text  # choice i runs with seed + i
+    assert first.usage.completion_tokens == 16
+    assert first.usage.prompt_tokens == len(api.tokenizer.encode("Hello there",
+                                                                  add_special_tokens=False))
+    check_usage(api, [c.text for c in first.choices],
+                [c.finish_reason for c in first.choices], first.usage)
+    other = client.completions.create(model=api.model, prompt="Hello there", max_tokens=8,
+                                      seed=6, extra_body={"ignore_eos": True})
+    assert other.choices[0].text == first.choices[1].text  # seed 6 == seed 5 + choice 1
+
+
+def test_completion_list_of_prompts_and_token_ids(client, api):
+    ids = api.tokenizer.encode("Once upon", add_special_tokens=False)
+    response = client.completions.create(model=api.model, prompt=["Once upon", "a time"],
+                                         max_tokens=4, n=2, seed=1,
+                                         extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in response.choices) == [0, 1, 2, 3]
+    assert response.usage.completion_tokens == 16
+    by_ids = client.completions.create(model=api.model, prompt=ids, max_tokens=4, seed=1,
+                                       extra_body={"ignore_eos": True})
+    text = {c.index: c.text for c in response.choices}
+    assert by_ids.choices[0].text == text[0]  # same prompt ids, same seed, same text
+
+
+def test_stop_sequences(client, api):
+    free = client.completions.create(model=api.model, prompt="Hi", max_tokens=20, seed=9,
+                                     extra_body={"ignore_eos": True})
+    text = free.choices[0].text
+    assert len(text) >= 6
+    stop = text[len(text) // 2: len(text) // 2 + 2]  # from the middle of the output
+    cut = client.completions.create(model=api.model, prompt="Hi", max_tokens=20, seed=9,
+                                    stop=[stop, "\u2603never"],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+    streamed = client.completions.create(model=api.model, prompt="Hi", max_tokens=20, seed=9,
+                                         stop=stop, stream=True,
+                                         extra_body={"ignore_eos": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cut.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_max_completion_tokens(client, api):
+    response = client.chat.completions.create(
+        model=api.model, messages=[{"role": "user", "content": "hi"}],
+        max_completion_tokens=3, seed=2, extra_body={"ignore_eos": True},
+    )
+    assert response.usage.completion_tokens == 3
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_streaming_chat_equals_non_streaming(client, api):
+    kwargs = {"model": api.model, "messages": [{"role": "user", "content": "hi"}],
+                  "max_tokens": 10, "seed": 1, "extra_body": {"ignore_eos": True}}
+    chunks = list(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    usage_chunk = chunks[-1]
+    assert not usage_chunk.choices and usage_chunk.usage.completion_tokens == 10
+    assert usage_chunk.model_extra["kad"]["emitted_tokens"] == 10
+    plain = client.chat.completions.create(**kwargs)
+    assert text == plain.choices[0].message.content
+    assert usage_chunk.usage.prompt_tokens == plain.usage.prompt_tokens
+    without_usage = list(client.chat.completions.create(stream=True, **kwargs))
+    assert all(c.usage is None for c in without_usage)
+
+
+def test_streaming_completions_with_n(client, api):
+    kwargs = {"model": api.model, "prompt": "Count", "max_tokens": 6, "n": 2, "seed": 4,
+                  "extra_body": {"ignore_eos": True}}
+    chunks = list(client.completions.create(stream=True,
+                                            stream_options={"include_usage": True}, **kwargs))
+    texts = {0: "", 1: ""}
+    reasons = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    plain = client.completions.create(**kwargs)
+    assert texts == {c.index: c.text for c in plain.choices}
+    assert reasons == {0: "length", 1: "length"}
+    assert chunks[-1].usage.completion_tokens == 12
+    check_usage(api, list(texts.values()), list(reasons.values()), chunks[-1].usage)
+
+
+def test_models_endpoint(client, api):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [api.model]
