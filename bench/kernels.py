@@ -80,7 +80,7 @@ def bench_batch(args: argparse.Namespace, device: str, batch: int) -> list[dict]
         param = spec.default if spec.param else None
         extra = {"q_base": q_base} if rule == "implicit_reward" else {}
         pi = mix(p, q_star, rule, param, **extra)
-        speculative_verify(pi, q_star[:, : args.gamma], drafts, generator=gen)
+        speculative_verify(pi, q_star, drafts, generator=gen)
 
     rows = []
     for rule in args.rules:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import math
+import weakref
+from collections import deque
 from collections.abc import Sequence
 
 import torch
+
+# Float32 tensors validated lately, with their row sums: a caller passing the same unchanged
+# tensor to several kernels (q* to ``mix`` and then ``speculative_verify``) pays the two
+# vocabulary passes of validation once. A weak reference (identity, not a reused address)
+# and the version counter (bumped by every in-place write, through views too) make a hit safe.
+_RECENT: deque[tuple[weakref.ref, int, torch.Tensor]] = deque(maxlen=4)
 
 
 def check_rule(rule: str, known: Sequence[str]) -> str:
@@ -66,6 +74,10 @@ def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    if x.dtype == torch.float32:
+        for ref, version, cached_sum in tuple(_RECENT):
+            if ref() is x and x._version == version:
+                return x, cached_sum
     x = x.float()
     row_sum = x.sum(dim=-1, keepdim=True)
     if x.numel() == 0:
@@ -83,6 +95,8 @@ def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{name} contains infinite values")
     if not low_sum > 0:
         raise ValueError(f"{name} has a row with zero total probability")
+    if x.dtype == torch.float32 and not x.requires_grad:
+        _RECENT.append((weakref.ref(x), x._version, row_sum))
     return x, row_sum
 
 

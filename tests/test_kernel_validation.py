@@ -36,7 +36,7 @@ Q = torch.tensor([[0.2, 0.3, 0.5]])
          "integer"),
         (lambda: speculative_verify(P.expand(1, 4, 3), Q.unsqueeze(0), torch.tensor([[0]])),
          "pi must have shape"),
-        (lambda: speculative_verify(P.expand(1, 2, 3), Q.expand(1, 2, 3), torch.tensor([[0]])),
+        (lambda: speculative_verify(P.expand(1, 2, 3), Q.expand(1, 3, 3), torch.tensor([[0]])),
          "q_star must have shape"),
         (lambda: speculative_verify(P.unsqueeze(0), Q.unsqueeze(0), torch.tensor([[-1]])),
          "[0, 3)"),
@@ -93,3 +93,38 @@ def test_alignment_settings_round_trip():
     assert settings.param == 0.6
     assert settings.as_extra_args() == {"rule": "kad_primal", "param": 0.6}
     assert AlignmentSettings.paper_default("kad_dual") == AlignmentSettings(rule="kad_dual", lam=0.4)
+
+
+def test_validation_is_reused_only_for_the_same_unchanged_tensor():
+    """The validation cache must never let a changed tensor through: writes in place (also
+    through a view) and new tensors at a reused address are checked again."""
+    q = torch.softmax(torch.randn(2, 3, 50), dim=-1)
+    p = torch.softmax(torch.randn(2, 3, 50), dim=-1)
+    mix(p, q, "kad_dual", 0.4)  # validates q (and caches its row sums)
+    q[0, 0, 7] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        mix(p, q, "kad_dual", 0.4)
+    q[0, 0, 7] = 0.0
+    q[:, :, 3:5].mul_(float("nan"))  # through a view
+    with pytest.raises(ValueError, match="NaN"):
+        mix(p, q, "kad_dual", 0.4)
+    for _ in range(20):  # fresh tensors, likely at the addresses just freed
+        fresh = torch.softmax(torch.randn(2, 3, 50), dim=-1)
+        mix(p, fresh, "kad_dual", 0.4)
+        del fresh
+        bad = torch.softmax(torch.randn(2, 3, 50), dim=-1)
+        bad[1, 2, 0] = -0.5
+        with pytest.raises(ValueError, match="negative"):
+            mix(p, bad, "kad_dual", 0.4)
+
+
+def test_verification_ignores_q_star_at_the_bonus_position():
+    """q_star [B, G+1, V] (what mix was given) verifies exactly like its first G rows."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(4, 3, 40, generator=gen), dim=-1)
+    q = torch.softmax(torch.randn(4, 3, 40, generator=gen), dim=-1)
+    drafts = torch.randint(0, 40, (4, 2), generator=gen)
+    pi = mix(p, q, "kad_dual", 0.4)
+    whole = speculative_verify(pi, q, drafts, torch.Generator().manual_seed(9))
+    sliced = speculative_verify(pi, q[:, :2].clone(), drafts, torch.Generator().manual_seed(9))
+    assert torch.equal(whole[0], sliced[0]) and torch.equal(whole[1], sliced[1])

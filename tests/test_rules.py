@@ -247,3 +247,24 @@ def test_implicit_reward_reweights_p_by_the_likelihood_ratio():
     weights = p * q_star / q_base.clamp_min(1e-30)
     torch.testing.assert_close(mix(p, q_star, "implicit_reward", q_base=q_base),
                                weights / weights.sum())
+
+
+def test_kad_primal_every_search_tier_matches_a_full_sort():
+    """One batch whose rows need a nucleus of a few, a few hundred and thousands of tokens,
+    so each tier of the top-value search (and the full sort) decides some row."""
+    from kad_kernels.rules import _PRIMAL_TOPK_TIERS
+
+    vocab, budget = 151_936, 0.9
+    gen = torch.Generator().manual_seed(11)
+    scales = torch.tensor([6.0, 3.0, 2.0, 1.7, 1.0, 0.0]).unsqueeze(-1)
+    p = (torch.randn(len(scales), vocab, generator=gen) * scales).softmax(-1)
+    d = deferral(p, p, "kad_primal", budget)
+    kept = []
+    for row in range(len(scales)):
+        expected = _primal_by_sort(p[row].double().numpy(), budget)
+        assert d[row].numpy().tolist() == expected.tolist(), row
+        kept.append(int((~expected).sum()))
+    small, large = _PRIMAL_TOPK_TIERS
+    assert any(k <= small for k in kept)
+    assert any(small < k <= large for k in kept)
+    assert any(k > large for k in kept), kept
