@@ -37,7 +37,9 @@ class EngineSettings(_Strict):
     max_model_len: int = Field(2048, ge=16)
     max_num_seqs: int = Field(64, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    cpu_kv_cache_gib: float | None = Field(None, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    cpu_kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV-cache size in GiB (vLLM kv_cache_memory_bytes); set it on CPU"
+    )
     enforce_eager: bool = False
     seed: int = 0
 

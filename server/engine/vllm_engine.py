@@ -81,6 +81,10 @@ def engine_args(config: ServeConfig) -> Any:
         max_model_len=max_model_len,
         max_num_seqs=engine.max_num_seqs,
         gpu_memory_utilization=engine.gpu_memory_utilization,
+        # An explicit KV-cache size: vLLM's CPU worker then skips its check that 90% of the
+        # NUMA node's memory is free at start (false on a shared 2-node machine).
+        kv_cache_memory_bytes=(None if engine.cpu_kv_cache_gib is None
+                               else int(engine.cpu_kv_cache_gib * 2**30)),
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
         disable_log_stats=True,
@@ -121,10 +125,6 @@ class VllmEngine:
         endpoint = f"ipc://{tempfile.gettempdir()}/kad-stats-{uuid.uuid4().hex[:12]}.sock"
         # Inherited by vLLM's engine-core and worker processes, where the hook sends.
         os.environ[ENDPOINT_ENV] = endpoint
-        if self.config.engine.cpu_kv_cache_gib is not None:
-            os.environ.setdefault(
-                "VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.config.engine.cpu_kv_cache_gib)))
-            )
         self._receiver = StatsReceiver(endpoint, self._on_stats)
         self._receiver.start()
         args = engine_args(self.config)
