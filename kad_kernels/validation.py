@@ -62,6 +62,12 @@ def check_param(
     return value.unsqueeze(-1)
 
 
+def _cacheable(x: torch.Tensor) -> bool:
+    """Float32 tensors with a version counter (inference-mode tensors, what vLLM's sampler
+    hands the hook, have none) and no autograd history."""
+    return x.dtype == torch.float32 and not x.is_inference() and not x.requires_grad
+
+
 def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a probability tensor; return it as float32 with its row sums ``[..., 1]``.
 
@@ -74,7 +80,8 @@ def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
-    if x.dtype == torch.float32:
+    cacheable = _cacheable(x)
+    if cacheable:
         for ref, version, cached_sum in tuple(_RECENT):
             if ref() is x and x._version == version:
                 return x, cached_sum
@@ -95,7 +102,7 @@ def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{name} contains infinite values")
     if not low_sum > 0:
         raise ValueError(f"{name} has a row with zero total probability")
-    if x.dtype == torch.float32 and not x.requires_grad:
+    if cacheable:
         _RECENT.append((weakref.ref(x), x._version, row_sum))
     return x, row_sum
 

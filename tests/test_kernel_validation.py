@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kad_kernels import deferral, mix, speculative_verify
+from kad_kernels import deferral, mix, mix_with_alpha, speculative_verify
 from server.alignment import AlignmentSettings
 
 P = torch.tensor([[0.5, 0.3, 0.2]])
@@ -128,3 +128,20 @@ def test_verification_ignores_q_star_at_the_bonus_position():
     whole = speculative_verify(pi, q, drafts, torch.Generator().manual_seed(9))
     sliced = speculative_verify(pi, q[:, :2].clone(), drafts, torch.Generator().manual_seed(9))
     assert torch.equal(whole[0], sliced[0]) and torch.equal(whole[1], sliced[1])
+
+
+def test_kernels_run_on_inference_mode_tensors():
+    """vLLM samples under torch.inference_mode: its tensors have no version counter, so the
+    validation cache must leave them alone (and still validate them every time)."""
+    with torch.inference_mode():
+        p = torch.softmax(torch.randn(2, 4, 30), dim=-1)
+        q = torch.softmax(torch.randn(2, 4, 30), dim=-1)
+        for _ in range(2):
+            pi, alpha = mix_with_alpha(p, q, "kad_dual", 0.4)
+            assert torch.allclose(pi.sum(-1), torch.ones(2, 4)) and alpha.shape == (2, 4)
+        tokens, emitted = speculative_verify(pi, q, torch.zeros(2, 3, dtype=torch.long))
+        assert tokens.shape == (2, 4) and bool((emitted >= 1).all())
+        bad = q.clone()
+        bad[0, 0, 0] = -1.0
+        with pytest.raises(ValueError, match="negative"):
+            mix(p, bad, "kad_dual", 0.4)
