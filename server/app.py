@@ -190,6 +190,9 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
         return {"object": "list", "data": [{
             "id": engine.served_model_name, "object": "model", "created": 0,
             "owned_by": "kad-serve", "max_model_len": engine.max_model_len,
+            # What clients and kad-bench need to label results: gamma and the default rule.
+            "num_speculative_tokens": config.engine.num_speculative_tokens,
+            "kad": {"rule": config.alignment.rule, "param": config.alignment.param},
         }]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])

@@ -56,7 +56,10 @@ def test_api_key(tokenizer):
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.post(f"{url}/v1/chat/completions", json={}).status_code == 401
         assert httpx.post(f"{url}/v1/completions", json=BODY, headers=auth).status_code == 200
-        assert httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]["id"] == MODEL
+        served = httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]
+        assert served["id"] == MODEL
+        assert served["num_speculative_tokens"] == 5  # the config's gamma
+        assert served["kad"] == {"rule": "kad_dual", "param": 0.4}
     finally:
         thread.stop()
 
