@@ -235,3 +235,25 @@ def test_stop_strings_end_the_text_and_free_the_request(tiny_engine, prompt):
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[: free.text.index(stop)]
     assert tiny_engine.engine.num_unfinished_requests() == 0
+
+
+def test_a_prompt_found_in_the_prefix_cache_is_still_exact(tiny_engine, reference_factory, prompt):
+    """A repeated prompt whose cached part leaves one token to compute is admitted by vLLM's
+    scheduler with placeholder drafts (-1). Its first step must still emit the withheld
+    prompt token (not a token sampled from p), and the batch must keep its q*."""
+    alignment = AlignmentSettings.paper_default("kad_dual")
+    reference = reference_factory("kad_dual", alignment.param)
+    for block in (16, 32, 64, 128):  # whatever the KV block size: one full block + 1 token
+        ids = (list(prompt) * (block // len(prompt) + 3))[: block + 2]
+        expected, prefix = [], list(ids)
+        for _ in range(6):
+            _, _, pi = reference.next_distributions(prefix)
+            expected.append(int(pi.argmax()))
+            prefix.append(expected[-1])
+        for attempt in range(2):  # the second run finds the first block in the prefix cache
+            got = tiny_engine.complete_many(
+                [ids], [SamplingOptions(max_tokens=6, temperature=0.0, ignore_eos=True)],
+                [alignment], timeout=300,
+            )[0]
+            assert got.token_ids == expected, (block, attempt)
+            assert got.stats.inexact == 0, (block, attempt)

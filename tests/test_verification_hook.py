@@ -118,3 +118,15 @@ def test_finalize_greedy_plain_rows_take_the_argmax():
     sampled = torch.tensor([[1], [1]], dtype=torch.int32)
     finalize_step(sampled, logits, None, [False, False], state)
     assert sampled[:, 0].tolist() == [9, 2]
+
+
+def test_placeholder_rows_keep_p_and_are_flagged_while_other_rows_mix():
+    p_logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(11))
+    q_star = torch.softmax(torch.randn(4, 6, generator=torch.Generator().manual_seed(12)), -1)
+    q_star[2:] = 0.0  # row 1's positions: placeholder drafts, no q*
+    rows = [RowAlignment("a", "aligned"), RowAlignment("b", "aligned")]
+    state = StepState(rows=rows, placeholder_rows={1})
+    out = mix_target_logits(p_logits, q_star, [2, 2], state)
+    assert torch.allclose(torch.softmax(out[:2], -1), q_star[:2], atol=1e-6)  # pi = q*
+    assert torch.equal(out[2:], p_logits[2:])
+    assert state.inexact_rows == {1}

@@ -69,6 +69,10 @@ class StepState:
     num_draft_tokens: list[int] = field(default_factory=list)
     alpha: torch.Tensor | None = None  # [num_tokens] deferred mass at each draft position
     inexact_rows: set[int] = field(default_factory=set)  # mixing rows verified without q*
+    # Rows whose drafts are vLLM's placeholders (-1, always rejected; no q* exists): the
+    # token sampled there comes from the target p, then is replaced by the withheld prompt
+    # token (``first_token``) or counted as inexact.
+    placeholder_rows: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,14 @@ def mix_target_logits(
     by_rule: dict[str, list[int]] = {}
     for token_index, owner in enumerate(owners):
         row = state.rows[owner]
-        if row is not None and row.mixes:
+        if row is None or not row.mixes:
+            continue
+        if owner in state.placeholder_rows:
+            state.inexact_rows.add(owner)
+        else:
             by_rule.setdefault(row.rule, []).append(token_index)
+    if not by_rule:
+        return target_logits
     out = target_logits.clone()
     for rule, token_indices in by_rule.items():
         index = torch.tensor(token_indices, device=device, dtype=torch.long)

