@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kad_kernels.rules import deferral_from_probs, resolve_param, row_threshold
-from kad_kernels.validation import as_probs, check_same_shape
+from kad_kernels.validation import as_probs, check_same_shape, remember_probs
 
 
 @dataclass(frozen=True)
@@ -79,15 +79,15 @@ def _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base):
 def _threshold_mix(p, p_sum, q_star, q_sum, threshold):
     """``pi = p [p >= t] / p_sum + alpha q* / q_sum`` with ``alpha = sum(p [p < t]) / p_sum``.
 
-    Built with float arithmetic only, in one output buffer: on CPU, comparisons producing
-    bool tensors and ``where``/``masked_fill`` over them run several times slower than a
-    plain elementwise pass. ``sign(t - p)`` is exact (a rounded difference has the sign of
-    the exact one), so ``relu(sign(t - p)) * p`` is exactly the deferred part of ``p``.
+    Five passes over the vocabulary (compare, select, sum, scale, add q*), in one output
+    buffer. ``alpha = (p_sum - kept_sum) / p_sum``: when nothing is deferred ``kept`` is
+    ``p`` bit for bit and its sum is the same reduction as ``p_sum``, so ``alpha`` is exactly
+    0 (and exactly 1 when everything is deferred); in between the difference carries the
+    rounding of one float32 sum.
     """
-    buf = torch.sub(threshold, p).sign_().clamp_(min=0.0).mul_(p)  # deferred p, else 0
-    alpha = (buf.sum(dim=-1, keepdim=True) / p_sum).clamp_(0.0, 1.0)
-    pi = torch.sub(p, buf, out=buf)  # kept p (exactly p or 0)
-    pi.div_(p_sum)
+    kept = torch.where(p >= threshold, p, 0.0)
+    alpha = ((p_sum - kept.sum(dim=-1, keepdim=True)) / p_sum).clamp_(0.0, 1.0)
+    pi = kept.div_(p_sum)
     pi.addcmul_(q_star, alpha / q_sum)
     return pi, alpha
 
@@ -107,6 +107,9 @@ def mix(
     """
     p, p_sum, q_star, q_sum, param_t, q_base = _prepare(p, q_star, rule, param, q_base)
     pi, _, _ = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base)
+    # A distribution by construction (non-negative, rows summing to 1 up to rounding):
+    # ``speculative_verify(pi, ...)`` need not validate it again.
+    remember_probs(pi, torch.ones_like(p_sum))
     return pi
 
 

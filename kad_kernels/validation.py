@@ -107,6 +107,12 @@ def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, row_sum
 
 
+def remember_probs(x: torch.Tensor, row_sum: torch.Tensor) -> None:
+    """Record a tensor a kernel built as a distribution, so ``as_probs`` need not check it."""
+    if _cacheable(x):
+        _RECENT.append((weakref.ref(x), x._version, row_sum))
+
+
 def check_same_shape(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
     if a.shape != b.shape:
         raise ValueError(
