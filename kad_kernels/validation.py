@@ -103,7 +103,7 @@ def as_probs(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not low_sum > 0:
         raise ValueError(f"{name} has a row with zero total probability")
     if cacheable:
-        _RECENT.append((weakref.ref(x), x._version, row_sum))
+        remember_probs(x, row_sum)
     return x, row_sum
 
 

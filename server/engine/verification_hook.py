@@ -101,7 +101,6 @@ def mix_target_logits(
     (rows of the draft positions of all requests, request-major), ``draft_probs`` the
     draft's ``q*`` at the same positions. Non-mixing rows are returned unchanged.
     """
-    state.num_draft_tokens = list(num_draft_tokens)
     num_tokens = target_logits.shape[0]
     device = target_logits.device
     state.alpha = torch.zeros(num_tokens, dtype=torch.float32, device=device)
