@@ -64,9 +64,9 @@ def _config(target: Path, draft: Path, tokenizer: Path | None = None, **engine) 
 # ------------------------------------------------------------------------- position limits
 
 
-def test_headroom_is_gamma_plus_two(pair):
-    assert headroom(_config(*pair, num_speculative_tokens=5)) == 7
-    assert headroom(_config(*pair, num_speculative_tokens=1)) == 3
+def test_headroom_is_two_gamma_plus_two(pair):
+    assert headroom(_config(*pair, num_speculative_tokens=5)) == 12
+    assert headroom(_config(*pair, num_speculative_tokens=1)) == 4
 
 
 def test_tiny_model_position_limit(pair):
@@ -180,33 +180,33 @@ def test_resolve_max_model_len_headroom_larger_than_model():
 def test_tiny_pair_at_full_length_serves_limit_minus_headroom(pair, caplog):
     with caplog.at_level(logging.WARNING, logger="server.engine.preflight"):
         result = run_preflight(_config(*pair, max_model_len=2048, num_speculative_tokens=5))
-    assert (result.public_max_model_len, result.engine_max_model_len) == (2041, 2048)
-    assert result.headroom == 7 and result.model_position_limit == 2048
+    assert (result.public_max_model_len, result.engine_max_model_len) == (2036, 2048)
+    assert result.headroom == 12 and result.model_position_limit == 2048
     assert [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("2041" in note for note in result.notes)
+    assert any("2036" in note for note in result.notes)
     assert result.stop_token_ids == [0]
 
 
 def test_tiny_pair_within_limit_unchanged(pair, caplog):
     with caplog.at_level(logging.WARNING, logger="server.engine.preflight"):
         result = run_preflight(_config(*pair, max_model_len=1024, num_speculative_tokens=5))
-    assert (result.public_max_model_len, result.engine_max_model_len) == (1024, 1031)
+    assert (result.public_max_model_len, result.engine_max_model_len) == (1024, 1036)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_tiny_pair_too_long_is_an_error_naming_the_limit(pair):
     with pytest.raises(PreflightError, match="2048") as info:
         run_preflight(_config(*pair, max_model_len=4000))
-    assert "4000" in str(info.value) and "2041" in str(info.value)
+    assert "4000" in str(info.value) and "2036" in str(info.value)
 
 
 def test_draft_with_fewer_positions_sets_the_limit(pair):
     target, draft = pair
     _edit_json(draft / "config.json", max_position_embeddings=1024)
     result = run_preflight(_config(target, draft, max_model_len=1000))
-    assert (result.public_max_model_len, result.engine_max_model_len) == (1000, 1007)
+    assert (result.public_max_model_len, result.engine_max_model_len) == (1000, 1012)
     result = run_preflight(_config(target, draft, max_model_len=1024))
-    assert (result.public_max_model_len, result.engine_max_model_len) == (1017, 1024)
+    assert (result.public_max_model_len, result.engine_max_model_len) == (1012, 1024)
     assert result.model_position_limit == 1024
     with pytest.raises(PreflightError, match="1024 positions of the draft model"):
         run_preflight(_config(target, draft, max_model_len=2048))
@@ -417,7 +417,7 @@ def test_hub_ids_degrade_to_unknown(tmp_path):
         "engine": {"max_model_len": 4096, "num_speculative_tokens": 5},
     })
     result = run_preflight(config)
-    assert (result.public_max_model_len, result.engine_max_model_len) == (4096, 4103)
+    assert (result.public_max_model_len, result.engine_max_model_len) == (4096, 4108)
     assert result.model_position_limit is None and result.stop_token_ids == []
     assert any("position limit unknown" in note for note in result.notes)
     assert model_position_limit("kad-test-no-such-org/base-13b") is None
@@ -514,11 +514,11 @@ def test_shipped_configs_pass_preflight(config_path, real_model_dirs, tiny_pair)
         assert result.stop_token_ids[0] == REAL_MODELS[target]["eos_token_id"]
 
 
-def test_olmo2_config_serves_4089(real_model_dirs):
-    """configs/olmo2-1b-13b.yaml asks 4096 = OLMo 2's own length: served as 4096 - 7."""
+def test_olmo2_config_serves_4084(real_model_dirs):
+    """configs/olmo2-1b-13b.yaml asks 4096 = OLMo 2's own length: served as 4096 - 12."""
     config = load_config(REPO / "configs" / "olmo2-1b-13b.yaml")
     config = config.model_copy(update={"models": config.models.model_copy(update={
         "target": str(real_model_dirs["OLMo-2-1124-13B"]),
         "draft": str(real_model_dirs["OLMo-2-0425-1B-Instruct"])})})
     result = run_preflight(config)
-    assert (result.public_max_model_len, result.engine_max_model_len) == (4089, 4096)
+    assert (result.public_max_model_len, result.engine_max_model_len) == (4084, 4096)

@@ -129,8 +129,15 @@ class PreflightResult:
 
 def headroom(config: ServeConfig) -> int:
     """Positions vLLM needs past the public limit: the withheld prompt token, the bonus
-    position and one step of ``num_speculative_tokens`` drafts."""
-    return config.engine.num_speculative_tokens + 2
+    position, one step of ``gamma`` scheduled drafts, and ``gamma`` more for the drafter.
+
+    vLLM 0.32 skips drafting for the *whole batch* when any request's sequence plus its
+    scheduled drafts plus ``gamma`` would pass the draft's ``max_model_len``
+    (``GPUModelRunner._input_fits_in_drafter``, on the batch's longest sequence); then every
+    request's next drafts have no q* and could not be verified against pi. With
+    ``2 gamma + 2`` positions past the public limit that never happens.
+    """
+    return 2 * config.engine.num_speculative_tokens + 2
 
 
 # ---------------------------------------------------------------------------- model config
