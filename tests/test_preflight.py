@@ -503,7 +503,7 @@ def test_shipped_configs_pass_preflight(config_path, real_model_dirs, tiny_pair)
 
     limit = min(REAL_MODELS.get(name, {}).get("max_position_embeddings", 2048)
                 for name in (target, draft))
-    room = config.engine.num_speculative_tokens + 2
+    room = 2 * config.engine.num_speculative_tokens + 2
     assert result.model_position_limit == limit
     assert result.engine_max_model_len <= limit
     assert result.public_max_model_len == min(config.engine.max_model_len, limit - room)
