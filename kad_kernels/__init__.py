@@ -9,6 +9,7 @@ from kad_kernels.mixture import (
     acceptance_probability,
     deferral,
     mix,
+    mix_trusted,
     mix_with_alpha,
     mixture_stats,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "acceptance_probability",
     "deferral",
     "mix",
+    "mix_trusted",
     "mix_with_alpha",
     "mixture_stats",
     "probs_from_logits",

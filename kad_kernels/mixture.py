@@ -128,6 +128,25 @@ def mix_with_alpha(
     return pi, alpha.squeeze(-1)
 
 
+def mix_trusted(
+    p: torch.Tensor,
+    p_sum: torch.Tensor,
+    q_star: torch.Tensor,
+    q_sum: torch.Tensor,
+    rule: str,
+    param: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pi [..., V], alpha [..., 1])`` for inputs the caller vouches for: float32
+    unnormalised ``p``/``q_star`` with their row sums ``[..., 1]`` and ``param`` float32
+    ``[..., 1]`` (or None). No validation and no host sync: the serving hook's path, which
+    handles non-finite rows itself (row-wise math keeps a bad row from touching others).
+    """
+    if rule == "implicit_reward":
+        raise ValueError("rule 'implicit_reward' has no deferred mass (it reweights p by q*/q)")
+    pi, _, alpha = _mix_prepared(p, p_sum, q_star, q_sum, rule, param, None)
+    return pi, alpha
+
+
 def deferral(
     p: torch.Tensor,
     q_star: torch.Tensor,

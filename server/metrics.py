@@ -30,6 +30,8 @@ class _AlignmentCollector(Collector):
             "kad_deferred_positions": ("Positions where some mass was deferred", "deferred_positions"),
             "kad_deferred_mass": ("Sum over positions of the deferred mass alpha", "alpha_sum"),
             "kad_inexact_tokens": ("Tokens sampled from p because q* was missing", "inexact"),
+            "kad_degraded_tokens": ("Positions whose p or q* was NaN/inf (verified against p)",
+                                    "degraded"),
         }
         for name, (doc, attr) in counters.items():
             family = CounterMetricFamily(name, doc, labels=["rule"])

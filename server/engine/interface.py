@@ -29,6 +29,7 @@ class RequestStats:
     alpha_sum: float = 0.0
     deferred_positions: int = 0
     inexact: int = 0
+    degraded: int = 0  # positions whose p or q* was NaN/inf: verified against p alone
 
     @property
     def acceptance_rate(self) -> float:
@@ -50,6 +51,7 @@ class RequestStats:
         self.alpha_sum += other.alpha_sum
         self.deferred_positions += other.deferred_positions
         self.inexact += other.inexact
+        self.degraded += other.degraded
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class RequestStats:
             "mean_deferred_mass": self.mean_alpha,
             "deferred_share": self.deferred_share,
             "inexact_tokens": self.inexact,
+            "degraded_tokens": self.degraded,
         }
 
 

@@ -1,10 +1,12 @@
-"""Per-request alignment statistics from vLLM's worker process to the API process.
+"""Per-request alignment statistics from vLLM's sampling worker to the API process.
 
-The verification hook runs inside vLLM's engine-core/worker process, where the API
-process cannot see it; vLLM's outputs carry no custom per-request fields. The worker
-pushes one small message per engine step over a local ZeroMQ socket (pyzmq ships with
-vLLM); the API process pulls and sums them per request. Sending never blocks a step:
-without a listener, messages are dropped.
+The verification hook runs in vLLM's worker, possibly on another host (pipeline parallel
+over Ray), where the API process cannot see it; vLLM's outputs carry no custom
+per-request fields. The worker that owns the sampled tokens pushes one small msgpack
+message per engine step over ZeroMQ TCP (what vLLM itself uses between its processes);
+the API process binds the socket and sums the rows per request. The endpoint reaches the
+workers inside vLLM's engine config (``hook_settings.HookSettings``). Sending never
+blocks a step: without a listener, messages are dropped.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
 from collections.abc import Callable, Sequence
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -22,8 +24,8 @@ from server.engine.verification_hook import RowStepStats
 
 logger = logging.getLogger(__name__)
 
-ENDPOINT_ENV = "KAD_STATS_ENDPOINT"
 _HIGH_WATER_MARK = 100_000
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 class StatsSender:
@@ -33,11 +35,6 @@ class StatsSender:
         self.endpoint = endpoint
         self._pid = os.getpid()
         self._socket: zmq.Socket | None = None
-
-    @classmethod
-    def from_env(cls) -> StatsSender | None:
-        endpoint = os.environ.get(ENDPOINT_ENV)
-        return cls(endpoint) if endpoint else None
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None or self._pid != os.getpid():
@@ -50,7 +47,7 @@ class StatsSender:
 
     def send(self, stats: Sequence[RowStepStats]) -> None:
         try:
-            self._connect().send(pickle.dumps(list(stats)), flags=zmq.NOBLOCK)
+            self._connect().send(_ENCODER.encode(list(stats)), flags=zmq.NOBLOCK)
         except zmq.Again:
             logger.warning("kad stats dropped: the API process is not reading them")
 
@@ -59,16 +56,26 @@ class StatsSender:
 
 
 class StatsReceiver:
-    """API side: PULL step stats and hand each message to ``on_stats``."""
+    """API side: bind a TCP port on ``host``, PULL step stats, hand each to ``on_stats``.
 
-    def __init__(self, endpoint: str, on_stats: Callable[[list[RowStepStats]], None]) -> None:
-        self.endpoint = endpoint
+    ``endpoint`` is the address workers connect to: ``host`` must be reachable from every
+    worker (loopback for a single node, the node's address for a multi-node engine).
+    """
+
+    def __init__(self, on_stats: Callable[[list[RowStepStats]], None],
+                 host: str = "127.0.0.1") -> None:
+        from vllm.utils.network_utils import make_zmq_path
+
         self._on_stats = on_stats
+        self._decoder = msgspec.msgpack.Decoder(list[RowStepStats])
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, _HIGH_WATER_MARK)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(endpoint)
+        if ":" in host:
+            self._socket.setsockopt(zmq.IPV6, 1)
+        port = self._socket.bind_to_random_port(make_zmq_path("tcp", host))
+        self.endpoint = make_zmq_path("tcp", host, port)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -78,8 +85,8 @@ class StatsReceiver:
         while True:
             payload = await self._socket.recv()
             try:
-                stats = pickle.loads(payload)
-            except Exception:
+                stats = self._decoder.decode(payload)
+            except msgspec.DecodeError:
                 logger.exception("undecodable kad stats message dropped")
                 continue
             self._on_stats(stats)

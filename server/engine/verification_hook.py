@@ -3,16 +3,22 @@
 vLLM verifies the draft model's tokens against the target distribution with an exact
 rejection sampler. Handing it ``log(pi)`` instead of the target logits makes that sampler
 sample from the mixture ``pi = mix(p, q*)``; ``vllm_patches`` calls the functions here from
-the patched vLLM internals. Three places where vLLM would otherwise emit a token of ``p``
-are corrected after sampling (see ``finalize_step``):
+the patched vLLM internals. Every place where vLLM would otherwise emit a token of ``p``
+is corrected after sampling (see ``finalize_step``):
 
 * the first output token (sampled by the plain sampler at prefill, with no ``q*`` yet):
   the engine withholds the prompt's last token and this module forces it as the first
   "sampled" token, so every real output token goes through verification;
 * the bonus token after all drafts are accepted (drawn from ``p``): dropped for every rule
   but ``base`` (costs at most one token per step; the draft has no ``q*`` there);
+* a row with no drafts this step (drafts cut by the token budget, a request resumed after
+  preemption): vLLM samples it from ``p``; the hook samples it again from ``pi``, with the
+  ``q*`` its last proposal made for exactly that position (``resample_plain_rows``);
 * greedy rows: verification targets the one-hot argmax of ``pi`` (vLLM itself only knows
   the argmax of ``p``).
+
+Shapes: ``num_tokens`` = draft positions of the step (request-major), ``V`` vocabulary.
+The hot path has no per-token Python loop and one host sync per step (``finalize_step``).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from kad_kernels import mix_with_alpha
+from kad_kernels import mix_trusted
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +70,21 @@ class RowAlignment:
 
 @dataclass
 class StepState:
-    """What the verification of one engine step leaves for ``finalize_step``."""
+    """One engine step's hook state, created by the ``_sample`` wrapper and passed on."""
 
     rows: list[RowAlignment | None]
     num_draft_tokens: list[int] = field(default_factory=list)
     alpha: torch.Tensor | None = None  # [num_tokens] deferred mass at each draft position
+    # [num_tokens] bool: a non-finite p or q* row, verified against p (or left to vLLM).
+    degraded: torch.Tensor | None = None
     inexact_rows: set[int] = field(default_factory=set)  # mixing rows verified without q*
-    # Rows whose drafts are vLLM's placeholders (-1, always rejected; no q* exists): the
-    # token sampled there comes from the target p, then is replaced by the withheld prompt
-    # token (``first_token``) or counted as inexact.
+    # Rows whose drafts are vLLM's placeholders (-1, always rejected; no q* exists), or
+    # drafts that no proposal produced (no q* either): verified against p, counted inexact
+    # unless the token is the withheld prompt token.
     placeholder_rows: set[int] = field(default_factory=set)
+    # Zero-draft rows the hook sampled from pi itself (``resample_plain_rows``).
+    resampled_rows: set[int] = field(default_factory=set)
+    plain_degraded: torch.Tensor | None = None  # [num_reqs] bool, same meaning as degraded
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,65 @@ class RowStepStats:
     alpha_sum: float
     deferred_positions: int
     inexact: int = 0
+    degraded: int = 0  # positions with a NaN/inf distribution (verified against p)
+
+
+def _softmax_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised ``exp(logits - max)`` in ``logits``' own storage and its row sums."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits, logits.sum(dim=-1, keepdim=True)
+
+
+def mix_rows(
+    logits: torch.Tensor,
+    q_star: torch.Tensor,
+    rule: str,
+    param: torch.Tensor | None,
+    greedy: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log pi, alpha [n], bad [n])`` for target logits ``[n, V]`` (overwritten) and q*.
+
+    Peak memory: ``pi`` is the one new ``[n, V]`` tensor (``p`` lives in ``logits``), plus a
+    boolean compare mask. A row with a non-finite ``p`` or ``q*`` (``bad``) gets ``log p``
+    (or keeps its non-finite values when ``p`` itself is bad): that row degrades to the
+    target alone, the rest of the batch is untouched.
+    """
+    p, p_sum = _softmax_in_place(logits)
+    q_star = q_star.float()
+    q_sum = q_star.sum(dim=-1, keepdim=True)
+    p_ok = torch.isfinite(p_sum) & (p_sum > 0)
+    q_ok = torch.isfinite(q_sum) & (q_sum > 0)
+    pi, alpha = mix_trusted(p, p_sum, q_star, q_sum, rule, param)
+    bad = ~(p_ok & q_ok)
+    # In place, one pass each: a bad row becomes (unnormalised) p, and a row whose p is
+    # itself non-finite becomes uniform (never NaN logits into vLLM's sampler).
+    torch.where(bad, p, pi, out=pi)
+    pi.nan_to_num_(nan=1.0, posinf=1.0)
+    alpha = torch.where(bad, 0.0, alpha).squeeze(-1)
+    if greedy is not None:
+        # Greedy-over-pi: a one-hot target at argmax(pi) on greedy rows, in place.
+        best = pi.argmax(dim=-1, keepdim=True)
+        pi.mul_((~greedy).unsqueeze(-1))
+        pi.scatter_add_(-1, best, greedy.to(pi.dtype).unsqueeze(-1))
+    return pi.log_(), alpha, bad.squeeze(-1)
+
+
+def _params(rows: list[RowAlignment | None], owners: np.ndarray,
+            device: torch.device) -> torch.Tensor | None:
+    values = [rows[o].param for o in owners[:1]]
+    if not values or values[0] is None:
+        return None
+    per_row = np.array([np.nan if r is None or r.param is None else r.param for r in rows],
+                       dtype=np.float32)
+    return torch.from_numpy(per_row[owners]).to(device).unsqueeze(-1)
+
+
+def _greedy(rows: list[RowAlignment | None], owners: np.ndarray,
+            device: torch.device) -> torch.Tensor | None:
+    per_row = np.array([r is not None and r.greedy for r in rows], dtype=bool)
+    if not per_row[owners].any():
+        return None
+    return torch.from_numpy(per_row[owners]).to(device)
 
 
 def mix_target_logits(
@@ -95,62 +166,125 @@ def mix_target_logits(
     num_draft_tokens: list[int],
     state: StepState,
 ) -> torch.Tensor:
-    """Return target logits whose softmax is ``pi`` on every mixing row's draft positions.
+    """Target logits whose softmax is ``pi`` on every mixing row's draft positions.
 
-    ``target_logits`` ``[num_tokens, V]`` hold vLLM's target after temperature/top-k/top-p
-    (rows of the draft positions of all requests, request-major), ``draft_probs`` the
-    draft's ``q*`` at the same positions. Non-mixing rows are returned unchanged.
+    ``target_logits`` ``[num_tokens, V]`` hold vLLM's float32 target after temperature/
+    top-k/top-p (vLLM hands a fresh tensor that may be updated in place, and this does),
+    ``draft_probs`` the draft's ``q*`` at the same positions. Rows of non-mixing requests
+    and rows without ``q*`` are left as they are. Rows are grouped per rule, each group
+    in chunks of at most half the batch, so the hook never holds more than two
+    ``[num_tokens, V]`` float32 temporaries.
     """
     num_tokens = target_logits.shape[0]
     device = target_logits.device
     state.alpha = torch.zeros(num_tokens, dtype=torch.float32, device=device)
-    # Which request each token row belongs to (request-major layout).
-    owners = [i for i, n in enumerate(num_draft_tokens) for _ in range(n)]
-    mixing = [i for i, row in enumerate(state.rows) if row is not None and row.mixes]
-    if not mixing or num_tokens == 0:
+    state.degraded = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    rows = state.rows
+    if num_tokens == 0:
         return target_logits
+    owners = np.repeat(np.arange(len(num_draft_tokens)), num_draft_tokens)
+    rule_of_row = np.array([
+        "" if r is None or not r.mixes or i in state.placeholder_rows else r.rule
+        for i, r in enumerate(rows)
+    ] + [""], dtype=object)
+    rule_of_token = rule_of_row[np.minimum(owners, len(rows))]
+    for i, r in enumerate(rows):
+        if r is not None and r.mixes and num_draft_tokens[i] and (
+            i in state.placeholder_rows or draft_probs is None
+        ):
+            state.inexact_rows.add(i)
     if draft_probs is None:
-        # Only when vLLM drafted greedily for an all-greedy batch; the engine never sends
-        # mixing requests with temperature 0, so this is a guard, counted and logged.
-        state.inexact_rows.update(i for i in mixing if num_draft_tokens[i] > 0)
-        logger.warning("verification without draft probabilities: pi cannot be formed")
+        if state.inexact_rows:
+            logger.warning("verification without draft probabilities: pi cannot be formed")
         return target_logits
-
-    by_rule: dict[str, list[int]] = {}
-    for token_index, owner in enumerate(owners):
-        row = state.rows[owner]
-        if row is None or not row.mixes:
+    for rule in sorted(set(rule_of_token) - {""}):
+        tokens = np.nonzero(rule_of_token == rule)[0]
+        if len(tokens) == num_tokens:
+            _mix_into(target_logits, draft_probs, None, rule, owners, state)
             continue
-        if owner in state.placeholder_rows:
-            state.inexact_rows.add(owner)
-        else:
-            by_rule.setdefault(row.rule, []).append(token_index)
-    if not by_rule:
-        return target_logits
-    out = target_logits.clone()
-    for rule, token_indices in by_rule.items():
-        index = torch.tensor(token_indices, device=device, dtype=torch.long)
-        params = [state.rows[owners[t]].param for t in token_indices]
-        param = None if params[0] is None else torch.tensor(params, device=device)
-        p = torch.softmax(target_logits.index_select(0, index).float(), dim=-1)
-        q_star = draft_probs.index_select(0, index).float()
-        pi, alpha = mix_with_alpha(p, q_star, rule, param)
-        greedy = torch.tensor(
-            [state.rows[owners[t]].greedy for t in token_indices], device=device
-        )
-        if bool(greedy.any()):
-            one_hot = torch.zeros_like(pi).scatter_(-1, pi.argmax(-1, keepdim=True), 1.0)
-            pi = torch.where(greedy.unsqueeze(-1), one_hot, pi)
-        out.index_copy_(0, index, torch.log(pi).to(out.dtype))
-        state.alpha.index_copy_(0, index, alpha)
-    return out
+        chunk = max(1, num_tokens // 2)
+        for start in range(0, len(tokens), chunk):
+            _mix_into(target_logits, draft_probs, tokens[start:start + chunk], rule, owners,
+                      state)
+    return target_logits
+
+
+def _mix_into(target_logits: torch.Tensor, draft_probs: torch.Tensor,
+              tokens: np.ndarray | None, rule: str, owners: np.ndarray,
+              state: StepState) -> None:
+    """Replace the rows ``tokens`` (None: all) of ``target_logits`` by ``log pi``."""
+    device = target_logits.device
+    selected = owners if tokens is None else owners[tokens]
+    param = _params(state.rows, selected, device)
+    greedy = _greedy(state.rows, selected, device)
+    if tokens is None:
+        log_pi, alpha, bad = mix_rows(target_logits, draft_probs, rule, param, greedy)
+        target_logits.copy_(log_pi)
+        state.alpha.copy_(alpha)
+        state.degraded.copy_(bad)
+        return
+    index = torch.from_numpy(tokens).to(device)
+    log_pi, alpha, bad = mix_rows(target_logits.index_select(0, index),
+                                  draft_probs.index_select(0, index), rule, param, greedy)
+    target_logits.index_copy_(0, index, log_pi)
+    state.alpha.index_copy_(0, index, alpha)
+    state.degraded.index_copy_(0, index, bad)
+
+
+def sample_from_probs(probs: torch.Tensor,
+                      generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs`` ``[n, V]``: the exponential race (vLLM's own sampler),
+    with row i's noise from ``generators[i]`` where the request is seeded."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in generators.items():
+        noise[row].exponential_(generator=generator)
+    return probs.div(noise).argmax(dim=-1)
+
+
+def resample_plain_rows(
+    sampled: torch.Tensor,
+    target_probs: torch.Tensor,
+    q_star: torch.Tensor,
+    batch_rows: list[int],
+    generators: dict[int, torch.Generator],
+    state: StepState,
+) -> None:
+    """Rows with no drafts this step: sample their token from ``pi`` instead of ``p``.
+
+    ``target_probs`` ``[n, V]`` is the processed target (temperature, top-k/top-p) at each
+    row's sampled position, ``q_star`` ``[n, V]`` the draft's distribution at the same
+    position (from its last proposal), ``batch_rows[j]`` the batch row of row j, whose
+    ``sampled[row, 0]`` is replaced. ``generators`` are keyed by j.
+    """
+    rows = [state.rows[i] for i in batch_rows]
+    device = target_probs.device
+    rule_of = np.array([r.rule for r in rows], dtype=object)
+    owners = np.asarray(batch_rows)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=device)
+    degraded = torch.zeros(len(state.rows), dtype=torch.bool, device=device)
+    for rule in sorted(set(rule_of)):
+        group = np.nonzero(rule_of == rule)[0]
+        index = torch.from_numpy(group).to(device)
+        logits = target_probs.index_select(0, index).log_()
+        log_pi, _, bad = mix_rows(logits, q_star.index_select(0, index), rule,
+                                  _params(state.rows, owners[group], device),
+                                  _greedy(state.rows, owners[group], device))
+        pi = log_pi.exp_()
+        local = {k: generators[int(j)] for k, j in enumerate(group) if int(j) in generators}
+        tokens.index_copy_(0, index, sample_from_probs(pi, local))
+        degraded.index_copy_(0, torch.from_numpy(owners[group]).to(device), bad)
+    batch_index = torch.as_tensor(batch_rows, device=sampled.device)
+    sampled[batch_index, 0] = tokens.to(sampled.dtype)
+    state.resampled_rows.update(batch_rows)
+    state.plain_degraded = degraded
 
 
 def finalize_step(
     sampled: torch.Tensor,
     logits: torch.Tensor,
-    bonus_logits_rows: torch.Tensor | None,
+    bonus_logits_rows: list[int] | None,
     first_step: list[bool],
+    emitting: list[bool],
     state: StepState,
 ) -> list[RowStepStats]:
     """Correct vLLM's sampled tokens in place and return the step's per-request stats.
@@ -159,14 +293,37 @@ def finalize_step(
     ``logits`` the target logits the step sampled from, ``bonus_logits_rows[i]`` the row of
     ``logits`` holding request i's bonus/plain position (``None``: row i itself, the plain
     sampler's layout). ``first_step[i]``: this step samples request i's first output token.
+    ``emitting[i]``: row i's sample is kept (False for a partial prefill chunk).
+    One host transfer brings the sampled tokens, alpha and degraded flags together.
     """
     num_reqs = len(state.rows)
     drafts = state.num_draft_tokens or [0] * num_reqs
-    valid_before = (sampled[:num_reqs] != PLACEHOLDER).sum(dim=-1).tolist()
-    offsets = [0]
-    for n in drafts:
-        offsets.append(offsets[-1] + n)
-    alpha = state.alpha.tolist() if state.alpha is not None else []
+    # Greedy rows whose last token still comes from p at a plain/bonus position (no q*):
+    # follow argmax p there, as vLLM would for a greedy request.
+    for i, row in enumerate(state.rows):
+        if row is None or not row.greedy or i in state.resampled_rows or drafts[i] > 0:
+            continue
+        if first_step[i] and row.first_token is not None:
+            continue
+        source = i if bonus_logits_rows is None else bonus_logits_rows[i]
+        sampled[i, 0] = logits[source].argmax()
+    num_tokens = sum(drafts)
+    alpha = state.alpha if state.alpha is not None else torch.zeros(num_tokens)
+    degraded = state.degraded if state.degraded is not None else torch.zeros(num_tokens)
+    plain = state.plain_degraded if state.plain_degraded is not None else torch.zeros(num_reqs)
+    device = sampled.device
+    packed = torch.cat([
+        sampled[:num_reqs].reshape(-1).to(torch.float64),
+        alpha.to(device, torch.float64), degraded.to(device, torch.float64),
+        plain.to(device, torch.float64),
+    ]).cpu().numpy()  # the step's one host sync (vLLM syncs on the tokens anyway)
+    width = sampled.shape[1]
+    tokens = packed[: num_reqs * width].reshape(num_reqs, width)
+    alpha_np = packed[num_reqs * width: num_reqs * width + num_tokens]
+    degraded_np = packed[num_reqs * width + num_tokens: num_reqs * width + 2 * num_tokens]
+    plain_np = packed[num_reqs * width + 2 * num_tokens:]
+    valid_before = (tokens != PLACEHOLDER).sum(axis=-1)
+    offsets = np.concatenate([[0], np.cumsum(drafts)]).astype(int)
     results: list[RowStepStats] = []
     for i, row in enumerate(state.rows):
         if row is None:
@@ -177,30 +334,28 @@ def finalize_step(
             sampled[i, 0] = row.first_token
             continue
         n_valid = int(valid_before[i])
-        if n_valid == 0:
+        if n_valid == 0 or not emitting[i]:
             continue  # a partial prefill chunk or a discarded row: nothing was sampled
         accepted = n_valid - 1  # vLLM always appends one recovered or bonus token
         emitted = n_valid
-        all_accepted = n_draft > 0 and accepted == n_draft
-        if n_draft == 0 or all_accepted:
-            # The last token came from p at the bonus position (or the plain sampler).
-            if row.mixes and n_draft > 0:
-                sampled[i, n_draft] = PLACEHOLDER
-                emitted -= 1
-            elif row.greedy:
-                source = i if bonus_logits_rows is None else int(bonus_logits_rows[i])
-                sampled[i, n_draft] = int(logits[source].argmax())
-        inexact = int(i in state.inexact_rows or (n_draft == 0 and row.mixes))
+        if row.mixes and n_draft > 0 and accepted == n_draft:
+            # The bonus token came from p at a position with no q*: dropped.
+            sampled[i, n_draft] = PLACEHOLDER
+            emitted -= 1
+        plain_from_p = n_draft == 0 and row.mixes and i not in state.resampled_rows
+        inexact = int(i in state.inexact_rows or plain_from_p)
         positions = min(n_draft, accepted + 1)
-        row_alpha = alpha[offsets[i]: offsets[i] + positions]
+        span = slice(offsets[i], offsets[i] + positions)
+        row_alpha = alpha_np[span]
         results.append(RowStepStats(
             request_id=row.request_id,
             drafted=n_draft,
             accepted=accepted,
             emitted=emitted,
             positions=positions,
-            alpha_sum=float(sum(row_alpha)),
-            deferred_positions=sum(1 for a in row_alpha if a > _DEFERRED),
+            alpha_sum=float(row_alpha.sum()),
+            deferred_positions=int((row_alpha > _DEFERRED).sum()),
             inexact=inexact,
+            degraded=int(degraded_np[span].sum() + (plain_np[i] if n_draft == 0 else 0)),
         ))
     return results

