@@ -50,6 +50,11 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
                 api_key = handle.read().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror}")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--api-key-file {args.api_key_file} is not UTF-8 text") from exc
+        if not api_key:  # serving without auth because a secret was not mounted: fail closed
+            raise ConfigError(f"--api-key-file {args.api_key_file} is empty: it must hold "
+                              "the API key (drop the flag to serve without a key)")
     if api_key:
         raw["server"]["api_key"] = api_key
     if args.tensor_parallel_size is not None:
