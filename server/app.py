@@ -24,6 +24,7 @@ from server.admission import Admission
 from server.config import ServeConfig
 from server.engine import Engine, build_engine
 from server.errors import APIError, error_response, install_error_handlers
+from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware, ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -126,7 +127,9 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
     app = FastAPI(title="kad-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kad = state
     install_error_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=_ROUTES)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_body_bytes,
+                       timeout_s=config.server.request_body_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=_ROUTES)  # outermost
 
     def authorize(request: Request) -> None:
         key = config.server.api_key

@@ -49,6 +49,10 @@ class ServerSettings(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None
     max_waiting_requests: int = Field(256, ge=1, description="queue bound; beyond it 503")
+    # Checked before the body is parsed: larger bodies get 413, bodies still incomplete after
+    # the timeout (a client that sent half a request) get 408.
+    max_request_body_bytes: int = Field(8 * 2**20, ge=1, description="request body bound")
+    request_body_timeout_s: float = Field(60.0, gt=0, description="time to receive a body")
     shutdown_grace_s: float = Field(30.0, ge=0)
 
 

@@ -109,3 +109,73 @@ def test_api_key_file_with_a_key(tmp_path, monkeypatch):
     key_file.write_text("sekret\n")
     args = parse_args(["--config", "x.yaml", "--api-key-file", str(key_file)])
     assert apply_overrides(fake_config(), args).server.api_key == "sekret"
+
+
+# --- the request body ----------------------------------------------------------------------
+def test_body_over_the_limit_is_413_before_it_is_parsed(tokenizer):
+    app, engine = make_app(tokenizer, max_request_body_bytes=2000)
+    body = b'{"model": "%s", "prompt": "%s", "max_tokens": 1}' % (MODEL.encode(), b"a" * 2100)
+    assert len(body) > 2000
+    declared = request(app, "POST", "/v1/completions", content=body,
+                       headers={"content-type": "application/json"})
+    error = check_error(declared, 413, None, "request_too_large")
+    assert "2000 bytes" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    # Not JSON at all: still 413, the body is never parsed.
+    garbage = request(app, "POST", "/v1/chat/completions", content=b"\xff" * 5000)
+    check_error(garbage, 413, None, "request_too_large")
+
+    async def chunks():  # no Content-Length: counted as the chunks arrive
+        for start in range(0, len(body), 500):
+            yield body[start:start + 500]
+
+    chunked = request(app, "POST", "/v1/completions", content=chunks(),
+                      headers={"content-type": "application/json"})
+    assert "content-length" not in chunked.request.headers
+    check_error(chunked, 413, None, "request_too_large")
+    assert engine.seen == []
+    fits = request(app, "POST", "/v1/completions",
+                   json={"model": MODEL, "prompt": " the" * 200, "max_tokens": 1})
+    assert fits.status_code == 200, fits.text
+    metrics = request(app, "GET", "/metrics").text
+    assert 'kad_http_requests_total{endpoint="/v1/completions",status="413"} 2.0' in metrics
+
+
+def test_body_that_stalls_is_408(tokenizer):
+    app, engine = make_app(tokenizer, request_body_timeout_s=0.3)
+
+    async def stalls():
+        yield b'{"model": "kad-test", "prom'
+        await asyncio.sleep(3600)
+
+    started = time.perf_counter()
+    response = request(app, "POST", "/v1/completions", content=stalls(),
+                       headers={"content-type": "application/json"})
+    error = check_error(response, 408, None, "request_timeout")
+    assert "0.3 seconds" in error["message"]
+    assert time.perf_counter() - started < 30
+    assert engine.seen == []
+
+
+def test_half_sent_request_on_a_real_socket_is_408(tokenizer):
+    thread, _ = serve_fake(tokenizer, request_body_timeout_s=0.5)
+    try:
+        deadline = time.time() + 30
+        while httpx.get(f"{thread.url}/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", thread.port), timeout=20) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: kad\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         b'{"model": ')
+            received = b""
+            while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 408 ")
+        assert b'"code":"request_timeout"' in received
+        assert httpx.get(f"{thread.url}/health").status_code == 200
+    finally:
+        thread.stop()

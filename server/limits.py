@@ -1,0 +1,89 @@
+"""What a client may send before the app reads its request: body size and body read time.
+
+Pure ASGI, in front of FastAPI, so nothing is parsed before these checks pass. A body larger
+than ``server.max_request_body_bytes`` gets 413: at once when its ``Content-Length`` says so,
+else as soon as its chunks add up to more. A body not fully received within
+``server.request_body_timeout_s`` (a client that sent half a request and stalls) gets 408
+instead of holding its connection and buffer forever. A body that passes is handed to the app
+in one piece; the app still hears the client's later disconnect through ``receive``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.responses import Response
+
+from server.errors import error_response
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _declared_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the HTTP parser refuses these before the app is called
+    return None
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _declared_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+            return
+        except TimeoutError:
+            response = error_response(
+                408, f"the request body did not arrive within {self.timeout_s:g} seconds",
+                code="request_timeout", headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        if body is None:  # the client left while sending: nobody reads an answer
+            await Response(status_code=499)(scope, receive, send)
+            return
+
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive_after_body():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, receive_after_body, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or None when the client disconnects first."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        response = error_response(
+            413, f"the request body is larger than this server accepts "
+                 f"({self.max_bytes} bytes, server.max_request_body_bytes)",
+            code="request_too_large", headers={"Connection": "close"})
+        await response(scope, receive, send)
