@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from kad_kernels.rules import RULE_SPECS, RULES
 
@@ -20,10 +20,11 @@ class AlignmentSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rule: str
-    lam: float | None = None
-    mu: float | None = None
-    budget: float | None = None
+    # Strict: a JSON number (an integer is one), never a string such as "0.4".
+    rule: StrictStr
+    lam: float | None = Field(None, strict=True)
+    mu: float | None = Field(None, strict=True)
+    budget: float | None = Field(None, strict=True)
 
     @model_validator(mode="after")
     def _check(self) -> AlignmentSettings:

@@ -7,6 +7,7 @@ and no framework internals (pydantic's error lists, tracebacks) leak into respon
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -52,12 +53,37 @@ def error_response(status: int, message: str, param: str | None = None,
                         headers=headers)
 
 
+# What a field that takes one of several shapes expects (its union members' errors name
+# pydantic's internal types: "prompt.list[int].0" is reported as "prompt").
+_SHAPES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of at most 8 strings",
+    "content": "a string or a list of text content parts",
+}
+_TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
+
+
+def _is_type_tag(part: Any) -> bool:
+    """A loc entry naming a pydantic schema (a union member), not a field or an index."""
+    return isinstance(part, str) and (
+        "[" in part or part in _TYPE_TAGS
+        or part.startswith(("function-", "constrained-", "lax-", "json-or-")))
+
+
 def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
     """One readable sentence for a pydantic error, and the field it is about."""
-    loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
+    raw_loc = [part for part in error.get("loc", ()) if part != "body"]
+    in_union = any(_is_type_tag(part) for part in raw_loc)
+    if in_union:  # the field itself, not where inside one of its shapes it failed
+        raw_loc = raw_loc[:next(i for i, part in enumerate(raw_loc) if _is_type_tag(part))]
+    loc = [str(part) for part in raw_loc]
     field = ".".join(loc) or None
     message = str(error.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
+    if in_union and field and error.get("type") != "value_error":
+        expected = _SHAPES.get(loc[-1])
+        if expected:
+            return f"invalid value for '{field}': expected {expected}", field
     if error.get("type") == "json_invalid":
         return "request body is not valid JSON", None
     if not field and error.get("type") in ("model_attributes_type", "dict_type"):
@@ -68,6 +94,21 @@ def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
     if error.get("type") == "extra_forbidden":
         return f"unknown field '{field}'", field
     return (f"invalid value for '{field}': {message}" if field else message), field
+
+
+_INTERNAL_HINTS = re.compile(
+    r"[,;]?\s*\(?(please\s+)?(see|check)\s+(the\s+)?(python\s+)?stack\s*trace\b[^.]*\.?",
+    re.IGNORECASE)
+
+
+def failure_message(exc: BaseException) -> str:
+    """What a client is told about an internal failure: the exception's first line without
+    pointers into the server's logs ("See stack trace (above) for the root cause")."""
+    lines = str(exc).strip().splitlines()
+    text = _INTERNAL_HINTS.sub("", lines[0] if lines else "").strip()
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return text or type(exc).__name__
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from server.alignment import AlignmentSettings
 from server.engine.interface import Engine, GenerationChunk, RequestStats, SamplingOptions
-from server.errors import APIError, error_body
+from server.errors import APIError, error_body, failure_message
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -206,7 +206,7 @@ async def complete(job: Job, metrics: ServerMetrics, endpoint: str) -> dict[str,
     except APIError:
         raise
     except Exception as exc:
-        raise APIError(500, f"generation failed: {exc}") from exc
+        raise APIError(500, f"generation failed: {failure_message(exc)}") from exc
     _record(job, metrics)
     if job.interrupted:
         raise APIError(503, "the server is shutting down; the request was aborted",
@@ -254,7 +254,7 @@ async def stream(job: Job, metrics: ServerMetrics, endpoint: str) -> AsyncIterat
             if chunk.finished:
                 yield _sse(chunk_body(choice.index, {} if chat else "", chunk.finish_reason))
     except Exception as exc:  # noqa: BLE001 - the stream is open: report in-band
-        yield _sse(error_body(500, f"generation failed: {exc}"))
+        yield _sse(error_body(500, f"generation failed: {failure_message(exc)}"))
         yield "data: [DONE]\n\n"
         return
     _record(job, metrics)

@@ -4,13 +4,28 @@ Fields follow the OpenAI API (and vLLM's server where OpenAI is silent: ``top_k`
 Unknown fields that are harmless are ignored, as OpenAI does; fields that would change the
 output and that this server does not implement are rejected by name, never silently
 dropped. ``kad`` carries the per-request alignment settings.
+
+Types are strict, as JSON has them: ``"stream": "yes"``, ``"n": "2"`` or token ids
+``[true, false]`` are errors, not coerced (an integer is a number: ``"temperature": 1`` is
+fine). Lists stop at their first bad item (``fail_fast``), so a body of a million bad items
+costs one error, not a million. Strings must be valid Unicode (JSON can escape a lone
+surrogate, ``"\\ud800"``, which no tokenizer or response can encode).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from server.alignment import AlignmentSettings
 from server.errors import APIError
@@ -29,35 +44,55 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0), "best_of": (None, 1), "suffix": (None, ""),
     "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False),
-    "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None,),
-    "min_tokens": (None, 0),
+    "tools": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}), "min_tokens": (None, 0),
 }
 MAX_N = 16
 MAX_STOP = 8
+MAX_MESSAGES = 8192
 # Clients (and OpenAI itself) treat an explicit null as "use the default".
 _NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "ignore_eos", "max_tokens")
 
 
+def _valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: a lone surrogate "
+                         f"({value[exc.start]!a} at character {exc.start})") from None
+    return value
+
+
+def _list(item: Any, **constraints: Any) -> Any:
+    """A JSON array of ``item`` that stops at its first invalid element."""
+    return Annotated[list[item], Field(fail_fast=True, **constraints)]
+
+
+TokenIds = _list(StrictInt)
+StopList = _list(StrictStr, max_length=MAX_STOP)
+ContentParts = _list(dict[str, Any])
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
+    top_k: StrictInt | None = Field(None, ge=-1)
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StrictStr | StopList | None = None
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-text
+    ignore_eos: StrictBool = False  # vLLM extension: generate max_tokens even past end-of-text
     kad: AlignmentSettings | None = None
 
     @model_validator(mode="before")
@@ -73,17 +108,27 @@ class _Common(BaseModel):
         extra = self.model_extra or {}
         for name in UNSUPPORTED_FIELDS:
             if name in extra and extra[name] not in _OFF_VALUES.get(name, (None,)):
-                raise APIError(400, f"field '{name}' is not supported by this server", name,
-                               "unsupported_field")
+                message = f"field '{name}' is not supported by this server"
+                if name == "response_format":
+                    kind = extra[name].get("type") if isinstance(extra[name], dict) else None
+                    what = f"type {kind!r}" if isinstance(kind, str) else "this value"
+                    message = (f"response_format {what} is not supported by this server; "
+                               "only {\"type\": \"text\"} (plain text) is")
+                raise APIError(400, message, name, "unsupported_field")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        return _valid_unicode(value)
 
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        for stop in stops:
+            _valid_unicode(stop)
         return value
 
     @property
@@ -96,23 +141,32 @@ class _Common(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
+    content: StrictStr | ContentParts
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        if isinstance(value, str):
+            return _valid_unicode(value)
+        for part in value:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            _valid_unicode(part["text"])
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part["text"] for part in self.content)
+
+
+Messages = _list(ChatMessage, min_length=1, max_length=MAX_MESSAGES)
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: Messages
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
     # Not given: the rest of the context window.
     default_max_tokens: ClassVar[int | None] = None
@@ -123,7 +177,7 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: StrictStr | _list(StrictStr) | TokenIds | _list(TokenIds)
     # Not given: OpenAI's 16, clamped to the rest of the context window (as vLLM does).
     default_max_tokens: ClassVar[int | None] = 16
 
@@ -133,14 +187,24 @@ class CompletionRequest(_Common):
         if isinstance(value, str):
             if not value:
                 raise ValueError("prompt must not be empty")
-            return value
+            return _valid_unicode(value)
         if not value:
             raise ValueError("prompt must not be empty")
         if isinstance(value[0], list) and any(not item for item in value):
             raise ValueError("token prompts must not be empty")
-        if isinstance(value[0], str) and any(not item for item in value):
-            raise ValueError("prompts must not be empty")
+        if isinstance(value[0], str):
+            if any(not item for item in value):
+                raise ValueError("prompts must not be empty")
+            for item in value:
+                _valid_unicode(item)
         return value
+
+    @property
+    def prompt_count(self) -> int:
+        """How many prompts (each one engine request per choice)."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return 1
+        return len(self.prompt)
 
     @property
     def requested_max_tokens(self) -> int | None:

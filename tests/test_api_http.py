@@ -134,6 +134,28 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "stop": ["a"] * 20}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "stream": "yes please"}, 400, "stream"),
+    # Strict types: no coercion from strings or booleans.
+    ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"model": MODEL, "prompt": "x", "stream": 1}, 400, "stream"),
+    ({"model": MODEL, "prompt": "x", "n": "2"}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 2.0}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "16"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": "0.5"}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "temperature": True}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "ignore_eos": "true"}, 400, "ignore_eos"),
+    ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": "yes"}}, 400,
+     "stream_options.include_usage"),
+    ({"model": MODEL, "prompt": "x", "kad": {"rule": "kad_dual", "lam": "0.4"}}, 400,
+     "kad.lam"),
+    ({"model": MODEL, "prompt": [True, False]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [[1, True]]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [1, "a"]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "stop": 5}, 400, "stop"),
+    # Lone surrogates (JSON can escape them; nothing downstream can encode them).
+    (b'{"model": "kad-test", "prompt": "\\ud800"}', 400, "prompt"),
+    (b'{"model": "kad-test", "prompt": ["ok", "a\\udfffb"]}', 400, "prompt"),
+    (b'{"model": "kad-test", "prompt": "x", "stop": ["\\ud800"]}', 400, "stop"),
+    (b'{"model": "\\ud800", "prompt": "x"}', 400, "model"),
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "nope"}}, 400, "kad"),
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "kad_dual"}}, 400, "kad"),
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "kad_dual", "lam": 3}}, 400, "kad"),
@@ -164,6 +186,17 @@ BAD_CHATS = [
      400, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
       "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {}}}, 400, "response_format"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": "2"}, 400, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+     400, "stream"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}] * 9000}, 400,
+     "messages"),
+    (b'{"model": "kad-test", "messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages.0.content"),
+    ((b'{"model": "kad-test", "messages": [{"role": "user", "content": '
+      b'[{"type": "text", "text": "\\udc00"}]}]}'), 400, "messages.0.content"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True},
      400, "logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
@@ -188,6 +221,8 @@ def _check_error(response: httpx.Response, status: int, field: str | None) -> No
     assert "detail" not in response.json() and "loc" not in error
     if field:
         assert field in (error["param"] or "") + error["message"], error
+    # No pydantic internals: union members ("prompt.list[int].0"), stack-trace pointers.
+    assert "[" not in (error["param"] or "") and "stack trace" not in error["message"]
 
 
 @pytest.mark.parametrize(("body", "status", "field"), BAD_COMPLETIONS)
@@ -217,7 +252,8 @@ def test_harmless_fields_and_nulls_are_accepted(served):
         "max_tokens": 2, "user": "alice", "metadata": {"a": 1}, "store": False,
         "temperature": None, "top_p": None, "n": None, "stream": None,
         "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0,
-        "parallel_tool_calls": True, "tools": [],
+        "parallel_tool_calls": True, "tools": [], "response_format": {"type": "text"},
+        "kad": {"rule": "kad_dual", "lam": 0},  # an integer is a number
     })
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 2

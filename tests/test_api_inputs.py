@@ -179,3 +179,26 @@ def test_half_sent_request_on_a_real_socket_is_408(tokenizer):
         assert httpx.get(f"{thread.url}/health").status_code == 200
     finally:
         thread.stop()
+
+
+# --- internal failures ---------------------------------------------------------------------
+class DeadEngine(FakeEngine):
+    """Fails every generation the way vLLM's EngineDeadError does."""
+
+    async def _generate(self, request_id, prompt, sampling, alignment):
+        await asyncio.sleep(0)
+        raise RuntimeError("EngineCore encountered an issue. See stack trace (above) for the "
+                           "root cause.")
+        yield  # an async generator
+
+
+def test_internal_failure_messages_do_not_point_into_server_logs(tokenizer):
+    app, _ = make_app(tokenizer, engine_class=DeadEngine)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    error = check_error(request(app, "POST", "/v1/completions", json=body), 500)
+    assert error["type"] == "internal_server_error"
+    assert error["message"] == "generation failed: EngineCore encountered an issue."
+    streamed = request(app, "POST", "/v1/completions", json={**body, "stream": True})
+    assert streamed.status_code == 200
+    assert "EngineCore encountered an issue." in streamed.text
+    assert "stack trace" not in streamed.text
