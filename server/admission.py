@@ -43,8 +43,18 @@ class Admission:
     def idle(self) -> bool:
         return not self._jobs
 
+    def check_size(self, count: int, param: str | None = None) -> None:
+        """400 when one request needs more engine requests than the bound admits at all:
+        waiting would never help, so it is the request's fault, not a busy server's."""
+        if count > self.limit:
+            raise APIError(400, f"this request needs {count} engine requests (n times the "
+                                f"number of prompts); the server runs at most {self.limit} "
+                                "at once", param)
+
     def check(self, count: int) -> None:
-        """503 when shutting down or when ``count`` more engine requests exceed the bound."""
+        """503 when shutting down or when ``count`` more engine requests exceed the bound
+        (400 when they exceed it on their own)."""
+        self.check_size(count)
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.running + count > self.limit:

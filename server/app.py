@@ -26,6 +26,7 @@ from server.engine import Engine, build_engine
 from server.errors import APIError, error_response, install_error_handlers
 from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware, ServerMetrics
+from server.prompts import encode_chat, encode_text, render_chat, surely_too_long
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -198,12 +199,18 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
             "kad": {"rule": config.alignment.rule, "param": config.alignment.param},
         }]}
 
+    # Tokenizing can take seconds (long prompts, many prompts): it runs in a worker thread
+    # so /health and every other request keep being answered meanwhile.
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
         body.reject_unsupported()
         require_ready()
         check_model(body.model)
-        prompts = _completion_prompts(body, engine)
+        count = body.prompt_count
+        state.admission.check_size(count * body.n,
+                                   "prompt" if count > state.admission.limit else "n")
+        prompts = await asyncio.to_thread(_completion_prompts, body, engine)
+        require_ready()
         return await run_job(body, prompts, "text_completion", "/v1/completions", request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
@@ -211,7 +218,9 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
         body.reject_unsupported()
         require_ready()
         check_model(body.model)
-        prompt = _chat_prompt(body, engine)
+        state.admission.check_size(body.n, "n")
+        prompt = await asyncio.to_thread(_chat_prompt, body, engine)
+        require_ready()
         return await run_job(body, [prompt], "chat.completion", "/v1/chat/completions",
                              request)
 
@@ -221,39 +230,55 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
 _ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
 
 
+def _over_context(engine: Engine, chars: int, param: str) -> APIError | None:
+    """A prompt too long for the context window by its length alone: refused untokenized."""
+    limit = engine.max_model_len
+    if not surely_too_long(engine.tokenizer, chars, limit):
+        return None
+    return APIError(400, f"This model's maximum context length is {limit} tokens. However, "
+                         f"your prompt has {chars} characters, which is more than {limit} "
+                         "tokens.", param, "context_length_exceeded")
+
+
 def _chat_prompt(body: ChatCompletionRequest, engine: Engine) -> list[int]:
-    """The aligned model's chat template; the base model sees the same token ids."""
+    """The aligned model's chat template; the base model sees the same token ids. Message
+    content is text: special-token strings in it do not become control tokens."""
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = engine.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
+        chat = render_chat(engine.tokenizer, messages)
     except ValueError as exc:
         raise APIError(400, str(exc), "messages") from exc
     except Exception as exc:  # template errors are the request's fault
         raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    error = _over_context(engine, chat.chars, "messages")
+    if error is not None:
+        raise error
+    ids = encode_chat(engine.tokenizer, chat)
     if not ids:
         raise APIError(400, "the messages render to an empty prompt", "messages")
     return ids
 
 
 def _completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[int]]:
+    """Completions prompts as given (special-token strings in text prompts are tokens)."""
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt[0], int):
         prompt = [prompt]
     vocab = len(engine.tokenizer)
-    prompts: list[list[int]] = []
+    token_prompts: list[list[int]] = []
     for item in prompt:
         if isinstance(item, str):
-            ids = engine.tokenizer.encode(item, add_special_tokens=False)
+            error = _over_context(engine, len(item), "prompt")
+            if error is not None:
+                raise error
+            ids = encode_text(engine.tokenizer, item)
             if not ids:
                 raise APIError(400, "prompt encodes to no tokens", "prompt")
-            prompts.append(ids)
+            token_prompts.append(ids)
         else:
-            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in item):
+            if any(type(t) is not int or t < 0 or t >= vocab for t in item):
                 raise APIError(400, f"token ids must lie in [0, {vocab})", "prompt")
-            prompts.append(list(item))
-    return prompts
+            token_prompts.append(list(item))
+    return token_prompts

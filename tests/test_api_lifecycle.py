@@ -103,9 +103,10 @@ def test_queue_bound(tokenizer):
     try:
         url = thread.url
         wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
+        # More than the bound on its own: it can never be admitted, so 400, not "retry".
         too_many = httpx.post(f"{url}/v1/completions", json={**BODY, "n": 4})
-        assert too_many.status_code == 503
-        assert too_many.json()["error"]["code"] == "queue_full"
+        assert too_many.status_code == 400
+        assert too_many.json()["error"]["param"] == "n"
         with httpx.stream("POST", f"{url}/v1/completions", json={
                 **BODY, "max_tokens": 200, "n": 2, "stream": True}) as holding:
             assert holding.status_code == 200
