@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.alignment import AlignmentSettings
 
@@ -54,6 +54,14 @@ class ServerSettings(_Strict):
     max_request_body_bytes: int = Field(8 * 2**20, ge=1, description="request body bound")
     request_body_timeout_s: float = Field(60.0, gt=0, description="time to receive a body")
     shutdown_grace_s: float = Field(30.0, ge=0)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: str | None) -> str | None:
+        # An empty key would mean "no auth" (fail open): leave it out (null) for that.
+        if value is not None and not value.strip():
+            raise ValueError("is empty; set a key, or leave it out to serve without one")
+        return value
 
 
 class ServeConfig(_Strict):

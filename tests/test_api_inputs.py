@@ -103,6 +103,18 @@ def test_empty_api_key_file_is_a_startup_error(tmp_path, monkeypatch, capsys, co
     assert "is empty" in capsys.readouterr().err
 
 
+def test_blank_api_key_in_the_config_or_flags_is_an_error(tmp_path, monkeypatch):
+    from server.config import load_config
+
+    monkeypatch.delenv("KAD_API_KEY", raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text("models: {target: t, draft: d}\nserver: {api_key: ''}\n")
+    with pytest.raises(ConfigError, match="api_key.*empty"):
+        load_config(config)
+    with pytest.raises(ValueError, match="api_key"):
+        apply_overrides(fake_config(), parse_args(["--config", "x", "--api-key", "  "]))
+
+
 def test_api_key_file_with_a_key(tmp_path, monkeypatch):
     monkeypatch.delenv("KAD_API_KEY", raising=False)
     key_file = tmp_path / "key"
@@ -155,6 +167,33 @@ def test_body_that_stalls_is_408(tokenizer):
     assert "0.3 seconds" in error["message"]
     assert time.perf_counter() - started < 30
     assert engine.seen == []
+
+
+def test_client_leaving_mid_body_never_reaches_the_app():
+    from server.limits import BodyLimitMiddleware
+
+    called, sent = [], []
+
+    async def app(scope, receive, send):
+        called.append(scope)
+
+    async def go() -> None:
+        messages = iter([{"type": "http.request", "body": b"{", "more_body": True},
+                         {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            sent.append(message)
+
+        middleware = BodyLimitMiddleware(app, max_bytes=100, timeout_s=5)
+        await middleware({"type": "http", "method": "POST", "path": "/v1/completions",
+                          "headers": []}, receive, send)
+
+    asyncio.run(go())
+    assert called == []
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
 
 
 def test_half_sent_request_on_a_real_socket_is_408(tokenizer):
