@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, str] = {
     "kernels": "bench.kernels",
     "engine": "bench.engine",
     "serve": "bench.serve_bench",
+    "hook": "bench.hook",
 }
 
 

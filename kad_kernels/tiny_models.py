@@ -61,10 +61,17 @@ _SHAPES = {
     "draft": (192, 2, 512, 16.0, 1),
     "target": (384, 4, 1024, 12.0, 2),
 }
+# Shapes whose head counts split over two tensor-parallel ranks (target 4 heads / 2 KV
+# heads, draft 2 heads / 1 KV head, replicated): the TP=2 engine test's pair.
+_TP2_SHAPES = {
+    "draft": (128, 2, 512, 16.0, 1),
+    "target": (256, 4, 1024, 12.0, 2),
+}
 
 
-def _marker(seed: int) -> dict:
-    return {"version": BUILD_VERSION, "seed": seed, "vocab_size": VOCAB_SIZE}
+def _marker(seed: int, tp2: bool = False) -> dict:
+    marker = {"version": BUILD_VERSION, "seed": seed, "vocab_size": VOCAB_SIZE}
+    return marker | {"tp2": True} if tp2 else marker
 
 
 def _train_tokenizer():
@@ -91,11 +98,11 @@ def _train_tokenizer():
     return fast
 
 
-def _build_model(name: str, vocab: int, eos_id: int, seed: int):
+def _build_model(name: str, vocab: int, eos_id: int, seed: int, tp2: bool = False):
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    hidden, layers, intermediate, scale, offset = _SHAPES[name]
+    hidden, layers, intermediate, scale, offset = (_TP2_SHAPES if tp2 else _SHAPES)[name]
     torch.manual_seed(seed * 100 + offset)
     config = Qwen2Config(
         vocab_size=vocab,
@@ -121,29 +128,31 @@ def _build_model(name: str, vocab: int, eos_id: int, seed: int):
     return model
 
 
-def _complete(root: Path, seed: int) -> bool:
+def _complete(root: Path, seed: int, tp2: bool = False) -> bool:
     try:
-        return json.loads((root / MARKER).read_text()) == _marker(seed)
+        return json.loads((root / MARKER).read_text()) == _marker(seed, tp2)
     except (OSError, ValueError):
         return False
 
 
-def build_tiny_pair(root: str | Path = "models/tiny", seed: int = 0, force: bool = False) -> TinyPair:
-    """Build (or reuse) the pair under ``root``; returns its paths."""
+def build_tiny_pair(root: str | Path = "models/tiny", seed: int = 0, force: bool = False,
+                    tp2: bool = False) -> TinyPair:
+    """Build (or reuse) the pair under ``root``; returns its paths. ``tp2``: head counts
+    that split over two tensor-parallel ranks."""
     root = Path(root)
     pair = TinyPair(root=root, draft=root / "draft", target=root / "target")
-    if not force and _complete(root, seed):
+    if not force and _complete(root, seed, tp2):
         return pair
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         tokenizer = _train_tokenizer()
         for name in ("draft", "target"):
-            model = _build_model(name, len(tokenizer), tokenizer.eos_token_id, seed)
+            model = _build_model(name, len(tokenizer), tokenizer.eos_token_id, seed, tp2)
             model.save_pretrained(staging / name, safe_serialization=True)
             tokenizer.save_pretrained(staging / name)
-        (staging / MARKER).write_text(json.dumps(_marker(seed)))
-        if _complete(root, seed) and not force:  # another process finished first
+        (staging / MARKER).write_text(json.dumps(_marker(seed, tp2)))
+        if _complete(root, seed, tp2) and not force:  # another process finished first
             return pair
         old = None
         if root.exists():

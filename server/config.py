@@ -41,6 +41,10 @@ class EngineSettings(_Strict):
         None, gt=0, description="KV-cache size in GiB (vLLM kv_cache_memory_bytes); set it on CPU"
     )
     enforce_eager: bool = False
+    # Scheduler token budget per step and chunked prefill; None: vLLM's platform default
+    # (on CPU: whole prefills, budget max(context, 4096); see docs/deployment.md).
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    enable_chunked_prefill: bool | None = None
     seed: int = 0
 
 
