@@ -12,6 +12,7 @@ the allocator on CUDA and from the formula in docs/deployment.md on CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the results (a list of rows) to this path")
 
 
+@functools.cache
 def _upstream_rejection_sample():
     from vllm.platforms import current_platform
     from vllm.v1.sample import rejection_sampler
