@@ -170,3 +170,25 @@ def test_engine_scheduling_is_the_tested_one(engine_config):
     """The options vLLM defaults differently on CUDA are set explicitly by kad-serve."""
     assert engine_config.scheduler_config.async_scheduling is False
     assert isinstance(engine_config.additional_config, HookSettings)
+
+
+def test_the_memory_profile_run_exercises_the_hook(monkeypatch):
+    """vLLM sizes the KV cache after a profiling run; in a kad-serve engine that run also
+    mixes ``max_num_seqs x gamma`` full-vocabulary rows, so the hook's temporaries count."""
+    calls = []
+    monkeypatch.setattr(vllm_patches, "profile_hook_memory",
+                        lambda seqs, gamma, vocab, device: calls.append((seqs, gamma, vocab)))
+    runner = SimpleNamespace(
+        vllm_config=SimpleNamespace(additional_config=HookSettings()),
+        speculative_config=SimpleNamespace(num_speculative_tokens=5),
+        scheduler_config=SimpleNamespace(max_num_seqs=64),
+        model_config=SimpleNamespace(get_vocab_size=lambda: 1000), device="cpu",
+    )
+    wrapped = vllm_patches._wrap_dummy_sampler_run(lambda self, hidden: "sampled")
+    assert wrapped(runner, None) == "sampled" and calls == [(64, 5, 1000)]
+    runner.vllm_config.additional_config = {}
+    assert wrapped(runner, None) == "sampled" and len(calls) == 1  # plain vLLM: untouched
+
+
+def test_profile_hook_memory_runs_the_real_mixture():
+    vllm_patches.profile_hook_memory(4, 3, 50, torch.device("cpu"))
