@@ -10,6 +10,8 @@ from __future__ import annotations
 
 def register() -> None:
     """Entry point for vLLM's plugin loader."""
-    from server.engine import vllm_patches
+    from server.engine import process_guard, vllm_patches
 
     vllm_patches.install()
+    # A spawned engine process leaves kad-serve's process group (forked ones already did).
+    process_guard.guard_spawned_process()

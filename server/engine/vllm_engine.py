@@ -21,6 +21,7 @@ from typing import Any
 
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
+from server.engine import process_guard
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions
 from server.engine.stats_channel import ENDPOINT_ENV, StatsReceiver
@@ -128,7 +129,11 @@ class VllmEngine:
         self._receiver = StatsReceiver(endpoint, self._on_stats)
         self._receiver.start()
         args = engine_args(self.config)
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        # Cancelled (SIGTERM during start-up), this kills the engine processes rather than
+        # waiting for the models to load; they run outside our process group (process_guard).
+        self._llm = await process_guard.start_engine_processes(
+            lambda: AsyncLLM.from_engine_args(args), lambda llm: llm.shutdown()
+        )
         await self._check_hook_active()
         self._ready = True
         logger.info("engine ready: %s", self.served_model_name)
