@@ -3,7 +3,8 @@
 The engine starts in the background when the app starts, so ``/health`` answers (503)
 while models load; generation endpoints answer 503 until the engine is ready, after it
 died, while shutting down, and when more requests wait than the configured bound. A client
-that disconnects (streaming or not) has its engine requests aborted.
+that disconnects (streaming or not) has its engine requests aborted. An engine that fails
+to start or dies makes the server exit with status 1 (``ServerState.fail``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ServeConfig], Engine]
 
+_WATCHDOG_S = 0.5  # how often the lifespan checks that the engine is alive
+_DEAD_ENGINE_GRACE_S = 2.0  # in-flight requests' time to end after the engine died
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
 
 class ServerState:
     """Mutable state of one running app."""
@@ -44,8 +52,27 @@ class ServerState:
         self.start_error: BaseException | None = None
         self.start_task: asyncio.Task | None = None
         self.drain_task: asyncio.Future | None = None
+        self.watchdog_task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.metrics = ServerMetrics(engine.totals, lambda: self.admission.running)
+        # What the process exits with; 1 once the engine failed to start or died.
+        self.exit_status = 0
+        # Set by the CLI: asks uvicorn to stop (without it, e.g. in tests, the app stays up
+        # and answers 503 "engine_dead").
+        self.request_exit: Callable[[], None] | None = None
+
+    def fail(self, message: str) -> None:
+        """The engine failed to start or died: log one line, end the in-flight requests (the
+        engine's own errors reach them first; the short grace is a backstop) and exit 1, so
+        that an orchestrator restarts the server."""
+        if self.exit_status:
+            return
+        self.exit_status = 1
+        logger.critical("%s; exiting with status 1", message)
+        if self.drain_task is None:
+            self.drain_task = asyncio.ensure_future(self.admission.drain(_DEAD_ENGINE_GRACE_S))
+        if self.request_exit is not None:
+            self.request_exit()
 
     def begin_shutdown(self) -> None:
         """Called on SIGTERM (from the signal handler): refuse new requests, let in-flight
@@ -112,15 +139,26 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
         async def start() -> None:
             try:
                 await engine.start()
-            except BaseException as exc:  # kept for /health and logs
+            except asyncio.CancelledError:  # shutdown during start-up: not a failure
+                raise
+            except BaseException as exc:  # kept for /health
                 state.start_error = exc
-                logger.exception("engine failed to start")
+                logger.debug("engine start failure", exc_info=exc)
+                state.fail(f"engine failed to start: {_one_line(exc)}")
+
+        async def watchdog() -> None:
+            """vLLM's engine core died (crash, kill -9): the process must not live on."""
+            while not engine.errored:
+                await asyncio.sleep(_WATCHDOG_S)
+            state.fail("the engine died (vLLM's engine core process exited or failed)")
 
         state.loop = asyncio.get_running_loop()
         state.start_task = asyncio.create_task(start())
+        state.watchdog_task = asyncio.create_task(watchdog())
         yield
+        state.watchdog_task.cancel()
         state.start_task.cancel()
-        await asyncio.gather(state.start_task, return_exceptions=True)
+        await asyncio.gather(state.start_task, state.watchdog_task, return_exceptions=True)
         if state.drain_task is not None:
             await asyncio.gather(state.drain_task, return_exceptions=True)
         await engine.shutdown()

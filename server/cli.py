@@ -3,7 +3,14 @@
 On SIGTERM (or Ctrl-C) uvicorn stops accepting connections while the app answers 503 to
 new requests, lets in-flight requests finish for ``server.shutdown_grace_s`` seconds and
 then aborts the rest in the engine (their streams end with ``finish_reason: "abort"``);
-then the engine shuts down and the process exits 0.
+then the engine shuts down and the process exits 0. The same holds for SIGTERM or SIGINT
+sent to the whole process group: vLLM's engine processes run in a group of their own
+(``server.engine.process_guard``) and stop only when the API process stops them. SIGTERM
+during start-up cancels the engine start (its processes are killed) and exits 0 at once.
+
+Exit status 1: the port cannot be bound (checked before the engine loads), the engine
+failed to start, or it died while serving (in-flight requests get an error first); an
+orchestrator's restart policy then restarts the server. Status 2: a bad config.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +28,8 @@ from types import FrameType
 import uvicorn
 
 from server.config import ConfigError, ServeConfig, load_config
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,14 +91,34 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (as uvicorn binds it) before anything slow happens."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def run(config: ServeConfig, engine_factory: Callable | None = None,
         log_level: str = "info") -> int:
-    """Serve ``config`` until SIGTERM/SIGINT; returns the exit status (0 after a clean drain).
+    """Serve ``config`` until SIGTERM/SIGINT; returns the exit status (0 after a clean drain,
+    1 when the port is taken or the engine failed to start or died).
 
     ``engine_factory`` (default: the vLLM engine) is how tests serve a fake engine.
     """
     from server.app import create_app
+    from server.engine import process_guard
 
+    host, port = config.server.host, config.server.port
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        logger.critical("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        return 1
     if config.build_tiny_models:
         from kad_kernels.tiny_models import build_tiny_pair
 
@@ -103,12 +133,16 @@ def run(config: ServeConfig, engine_factory: Callable | None = None,
         ),
         on_exit=app.state.kad.begin_shutdown,
     )
+    app.state.kad.request_exit = lambda: setattr(server, "should_exit", True)
+    process_guard.keep_from_children(sock.fileno())
     # uvicorn re-raises the captured signal after draining, under the handler it found on
     # start: with these no-ops that ends `run` normally, so the process exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
-    return 0
+    logger.info("serving on http://%s:%d (the engine loads in the background)",
+                host, sock.getsockname()[1])
+    server.run(sockets=[sock])
+    return app.state.kad.exit_status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,13 +40,14 @@ class EngineFailure(RuntimeError):
 class FakeEngine:
     def __init__(self, config: ServeConfig, tokenizer, start_delay: float = 0.0,
                  token_delay: float = 0.002, fail_start: bool = False,
-                 fail_after: int | None = None) -> None:
+                 fail_after: int | None = None, die_after: int | None = None) -> None:
         self.served_model_name = config.models.served_model_name
         self.max_model_len = config.engine.max_model_len
         self.default_alignment = config.alignment
         self.tokenizer = tokenizer
         self.start_delay, self.token_delay = start_delay, token_delay
         self.fail_start, self.fail_after = fail_start, fail_after
+        self.die_after = die_after  # the engine dies when a request reaches this step
         self._ready = False
         self.errored = False  # tests set it to simulate a dead engine
         self.shut_down = False
@@ -86,6 +87,10 @@ class FakeEngine:
                 await asyncio.sleep(self.token_delay)
                 if self.fail_after is not None and step == self.fail_after:
                     raise EngineFailure("fake engine crashed")
+                if self.die_after is not None and step == self.die_after:
+                    self.errored = True
+                if self.errored:  # every running request fails, as with vLLM's EngineDeadError
+                    raise EngineFailure("fake engine died")
                 token = rng.choice(self._pool)
                 text = detok.add([token])
                 last = step == sampling.max_tokens - 1 or detok.stopped

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,7 @@ def _read_stream(url: str, max_tokens: int, out: dict) -> None:
     out["done"] = events[-1] == "[DONE]"
     out["reasons"] = [c["finish_reason"] for p in payloads for c in p.get("choices", [])
                       if c["finish_reason"]]
+    out["errors"] = [p["error"] for p in payloads if "error" in p]
     out["text"] = "".join(c["text"] for p in payloads for c in p.get("choices", []))
     out["usage"] = payloads[-1].get("usage")
 
@@ -179,16 +181,38 @@ _SERVE_SCRIPT = textwrap.dedent("""
     tokenizer = load_tokenizer(sys.argv[2])
     engines = []
 
+    options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {{"token_delay": 0.02}}
+
     def factory(config):
-        engines.append(FakeEngine(config, tokenizer, token_delay=0.02))
+        engines.append(FakeEngine(config, tokenizer, **options))
         return engines[-1]
 
     status = run(config, engine_factory=factory, log_level="warning")
+    if not engines:
+        print(json.dumps({{"engines": 0}}))
+        sys.exit(status)
     engine = engines[0]
     print(json.dumps({{"unfinished": engine.num_unfinished_requests(),
                       "aborted": len(engine.aborted), "shut_down": engine.shut_down}}))
     sys.exit(status)
 """)
+
+
+def _serve_process(tiny_pair, port: int, options: dict, **server) -> subprocess.Popen:
+    """``server.cli.run`` in a process with a fake engine built with ``options``."""
+    config = fake_config(host="127.0.0.1", port=port, **server)
+    return subprocess.Popen(
+        [sys.executable, "-c", _SERVE_SCRIPT.format(tests=str(TESTS)),
+         config.model_dump_json(), str(tiny_pair.draft), json.dumps(options)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _health(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code
+    except httpx.TransportError:
+        return None
 
 
 def test_sigterm_drains_and_exits_zero(tiny_pair):
@@ -230,6 +254,99 @@ def test_sigterm_drains_and_exits_zero(tiny_pair):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_engine_that_fails_to_start_exits_1_with_one_clear_line(tiny_pair):
+    process = _serve_process(tiny_pair, free_port(), {"fail_start": True})
+    try:
+        stdout, stderr = process.communicate(timeout=60)  # python, tokenizer: seconds
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "engine failed to start" in line]
+    assert len(lines) == 1 and "RuntimeError: fake engine failed to load" in lines[0], stderr
+    assert "exiting with status 1" in lines[0]
+    assert "Traceback" not in stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["shut_down"] is True
+
+
+def _complete(url: str, out: dict) -> None:
+    response = httpx.post(f"{url}/v1/completions", timeout=60,
+                          json={**BODY, "max_tokens": 240})
+    out["status"], out["body"] = response.status_code, response.json()
+
+
+def test_engine_death_fails_in_flight_requests_and_exits_1(tiny_pair):
+    """The engine dies mid-generation: streams end with an error event and [DONE], a
+    non-streaming request gets an OpenAI-shaped 500, and the process exits 1 at once."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _serve_process(tiny_pair, port, {"token_delay": 0.02, "die_after": 100},
+                             shutdown_grace_s=30)
+    try:
+        wait_for(lambda: process.poll() is None and _health(url) == 200, timeout=120)
+        streams = [{}, {}]
+        plain: dict = {}
+        workers = [threading.Thread(target=_read_stream, args=(url, 240, out))
+                   for out in streams] + [threading.Thread(target=_complete, args=(url, plain))]
+        for worker in workers:
+            worker.start()
+        stdout, stderr = process.communicate(timeout=30)  # far below the 30 s grace + 5
+        for worker in workers:
+            worker.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stderr[-3000:]
+    for out in streams:
+        assert out["done"] and out["reasons"] == []
+        assert out["errors"] and out["errors"][0]["type"] == "internal_server_error"
+    assert plain["status"] == 500
+    assert set(plain["body"]["error"]) == {"message", "type", "param", "code"}
+    died = [line for line in stderr.splitlines() if "the engine died" in line]
+    assert len(died) == 1 and "exiting with status 1" in died[0], stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["shut_down"] is True
+
+
+def test_busy_port_fails_fast_before_the_engine_is_built(tiny_pair):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process = _serve_process(tiny_pair, port, {"start_delay": 600})
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 1, stderr[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in stderr
+    assert "Traceback" not in stderr and "engine failed to start" not in stderr
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"engines": 0}
+
+
+def test_sigterm_while_the_engine_loads_exits_0_at_once(tiny_pair):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _serve_process(tiny_pair, port, {"start_delay": 600})
+    try:
+        wait_for(lambda: process.poll() is None and _health(url) == 503, timeout=120)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        stdout, stderr = process.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr[-3000:]
+    assert elapsed < 10
+    assert "engine failed to start" not in stderr and "Traceback" not in stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["shut_down"] is True
 
 
 # --- the command line ----------------------------------------------------------------------
