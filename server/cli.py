@@ -124,7 +124,14 @@ def run(config: ServeConfig, engine_factory: Callable | None = None,
 
         build_tiny_pair(Path(config.models.target).parent)
     kwargs = {} if engine_factory is None else {"engine_factory": engine_factory}
-    app = create_app(config, **kwargs)
+    try:
+        app = create_app(config, **kwargs)  # builds the engine: tokenizer, context checks
+    except Exception as exc:  # one line, as when the engine fails to start
+        logger.debug("engine construction failure", exc_info=exc)
+        logger.critical("engine failed to start: %s; exiting with status 1",
+                        " ".join(f"{type(exc).__name__}: {exc}".split()))
+        sock.close()
+        return 1
     server = DrainingServer(
         uvicorn.Config(
             app, host=config.server.host, port=config.server.port, log_level=log_level,

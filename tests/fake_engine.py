@@ -40,7 +40,10 @@ class EngineFailure(RuntimeError):
 class FakeEngine:
     def __init__(self, config: ServeConfig, tokenizer, start_delay: float = 0.0,
                  token_delay: float = 0.002, fail_start: bool = False,
-                 fail_after: int | None = None, die_after: int | None = None) -> None:
+                 fail_after: int | None = None, die_after: int | None = None,
+                 fail_init: bool = False) -> None:
+        if fail_init:
+            raise RuntimeError("fake engine cannot be built")
         self.served_model_name = config.models.served_model_name
         self.max_model_len = config.engine.max_model_len
         self.default_alignment = config.alignment

@@ -256,8 +256,14 @@ def test_sigterm_drains_and_exits_zero(tiny_pair):
             process.wait()
 
 
-def test_engine_that_fails_to_start_exits_1_with_one_clear_line(tiny_pair):
-    process = _serve_process(tiny_pair, free_port(), {"fail_start": True})
+@pytest.mark.parametrize(("options", "message", "report"), [
+    ({"fail_start": True}, "RuntimeError: fake engine failed to load", {"shut_down": True}),
+    # Raised while building the engine (vLLM's: tokenizer, context-length checks).
+    ({"fail_init": True}, "RuntimeError: fake engine cannot be built", {"engines": 0}),
+])
+def test_engine_that_fails_to_start_exits_1_with_one_clear_line(tiny_pair, options, message,
+                                                                 report):
+    process = _serve_process(tiny_pair, free_port(), options)
     try:
         stdout, stderr = process.communicate(timeout=60)  # python, tokenizer: seconds
     finally:
@@ -266,10 +272,10 @@ def test_engine_that_fails_to_start_exits_1_with_one_clear_line(tiny_pair):
             process.wait()
     assert process.returncode == 1, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if "engine failed to start" in line]
-    assert len(lines) == 1 and "RuntimeError: fake engine failed to load" in lines[0], stderr
+    assert len(lines) == 1 and message in lines[0], stderr
     assert "exiting with status 1" in lines[0]
     assert "Traceback" not in stderr
-    assert json.loads(stdout.strip().splitlines()[-1])["shut_down"] is True
+    assert report.items() <= json.loads(stdout.strip().splitlines()[-1]).items()
 
 
 def _complete(url: str, out: dict) -> None:
