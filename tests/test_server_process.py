@@ -1,5 +1,7 @@
 """The real server process (`python -m server`) on the tiny pair with the vLLM engine:
-health before/after ready, the openai client end to end, disconnects, SIGTERM."""
+health before/after ready, the openai client end to end, disconnects; process lifecycle:
+SIGTERM to the process group drains, a killed engine core makes the server exit 1, SIGTERM
+during start-up and a busy port end the process within seconds."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -29,9 +33,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_pair, tmp_path_factory):
-    port = _free_port()
+def _launch(tiny_pair, directory: Path, port: int | None = None) -> dict:
+    """`python -m server` on the tiny pair, in a session of its own (so that a test can
+    signal its whole process group); its log goes to ``directory/server.log``."""
+    port = port or _free_port()
     config = {
         "models": {"target": str(tiny_pair.target), "draft": str(tiny_pair.draft),
                    "served_model_name": "kad-tiny"},
@@ -40,32 +45,65 @@ def server(tiny_pair, tmp_path_factory):
         "alignment": {"rule": "kad_dual", "lam": 0.4},
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 20},
     }
-    path = tmp_path_factory.mktemp("server") / "config.yaml"
+    path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = open(path.parent / "server.log", "w")  # noqa: SIM115 - closed at fixture teardown
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--config", str(path), "--log-level", "warning"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
-    )
-    url = f"http://127.0.0.1:{port}"
+    log = directory / "server.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--config", str(path), "--log-level", "warning"],
+            cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ},
+            start_new_session=True,
+        )
+    return {"url": f"http://127.0.0.1:{port}", "process": process, "log": log, "port": port}
+
+
+def _wait_ready(server: dict) -> bool:
+    """Waits (generously: a loaded machine) until /health is 200; True if it saw 503."""
     saw_loading = False
     deadline = time.time() + 600
     while True:
-        assert process.poll() is None, (path.parent / "server.log").read_text()[-3000:]
+        assert server["process"].poll() is None, server["log"].read_text()[-3000:]
         assert time.time() < deadline, "server did not become ready"
         try:
-            status = httpx.get(f"{url}/health", timeout=2).status_code
+            status = httpx.get(f"{server['url']}/health", timeout=2).status_code
         except httpx.TransportError:
             status = None
         if status == 503:
             saw_loading = True
         if status == 200:
-            break
+            return saw_loading
         time.sleep(0.25)
-    yield {"url": url, "process": process, "saw_loading": saw_loading, "log": path.parent}
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop(server: dict) -> None:
+    """SIGKILL the server and its engine processes (which run in a group of their own)."""
+    process = server["process"]
     if process.poll() is None:
+        engine = _descendants(process.pid)
         process.kill()
-    log.close()
+        process.wait()
+        for child in engine:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pair, tmp_path_factory):
+    started = _launch(tiny_pair, tmp_path_factory.mktemp("server"))
+    try:
+        started["saw_loading"] = _wait_ready(started)
+        yield started
+    finally:
+        _stop(started)
 
 
 def test_health_reports_loading_then_ready(server):
@@ -166,21 +204,153 @@ def test_sweep_against_the_tiny_server(server, tmp_path):
     assert summary["base"]["toy"]["mean_deferred_mass"] == pytest.approx(0.0)
 
 
-def test_sigterm_finishes_in_flight_request_and_exits_zero(server):
-    import threading
+def _stream(url: str, max_tokens: int, out: dict) -> None:
+    """One streaming completion; ``out`` gets its events (and "started" at the first)."""
+    events = []
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+                "model": "kad-tiny", "prompt": "Tell me", "max_tokens": max_tokens,
+                "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    out["started"] = True
+    except httpx.HTTPError as exc:
+        out["transport_error"] = repr(exc)
+    payloads = [json.loads(e) for e in events if e != "[DONE]"]
+    out["done"] = bool(events) and events[-1] == "[DONE]"
+    out["reasons"] = [c["finish_reason"] for p in payloads for c in p.get("choices", [])
+                      if c["finish_reason"]]
+    out["errors"] = [p["error"] for p in payloads if "error" in p]
+    out["usage"] = payloads[-1].get("usage") if payloads else None
+    out["finished"] = True
 
-    result = {}
 
-    def long_request():
-        result["response"] = httpx.post(f"{server['url']}/v1/completions", json={
-            "model": "kad-tiny", "prompt": "Count", "max_tokens": 40, "seed": 1,
-        }, timeout=120)
+def _until(predicate, timeout: float, message: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, message
+        time.sleep(0.05)
 
-    worker = threading.Thread(target=long_request)
-    worker.start()
-    time.sleep(0.5)
-    server["process"].send_signal(signal.SIGTERM)
-    worker.join(timeout=120)
-    assert result["response"].status_code == 200
-    assert result["response"].json()["usage"]["completion_tokens"] > 0
-    assert server["process"].wait(timeout=120) == 0
+
+def _running(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    return next(float(line.split()[1]) for line in metrics.splitlines()
+                if line.startswith("kad_requests_running"))
+
+
+def test_sigterm_to_the_process_group_drains_16_streams_and_exits_zero(server):
+    """What Ctrl-C or `kill -TERM -<pgid>` does: the engine processes do not see it (their
+    own group), the API process drains: every stream finishes (or ends with finish_reason
+    and usage at the grace deadline), a non-streaming request too, and the exit status is 0."""
+    url = server["url"]
+    streams = [{} for _ in range(16)]
+    workers = [threading.Thread(target=_stream, args=(url, 200, out)) for out in streams]
+    plain = {}
+
+    def complete():
+        plain["response"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "kad-tiny", "prompt": "Count", "max_tokens": 40, "seed": 1})
+
+    workers.append(threading.Thread(target=complete))
+    for worker in workers:
+        worker.start()
+    _until(lambda: all(out.get("started") for out in streams), 120, "streams did not start")
+    os.killpg(server["process"].pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join(timeout=120)
+    for out in streams:
+        assert out["done"] and not out["errors"], out
+        assert out["reasons"] in (["length"], ["abort"]), out
+        assert out["usage"]["completion_tokens"] > 0
+    assert plain["response"].status_code == 200
+    assert plain["response"].json()["usage"]["completion_tokens"] > 0
+    assert server["process"].wait(timeout=120) == 0, server["log"].read_text()[-3000:]
+    log = server["log"].read_text()
+    assert "EngineCore encountered" not in log and "exiting with status" not in log
+
+
+def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path):
+    """kill -9 of vLLM's engine core: in-flight requests get an error instead of hanging,
+    the server exits 1 within seconds (an orchestrator restarts it), nothing is left."""
+    server = _launch(tiny_pair, tmp_path)
+    try:
+        _wait_ready(server)
+        url = server["url"]
+        streams = [{} for _ in range(4)]
+        workers = [threading.Thread(target=_stream, args=(url, 450, out)) for out in streams]
+        for worker in workers:
+            worker.start()
+        _until(lambda: all(out.get("started") for out in streams), 120,
+               "streams did not start")
+        plain = {}
+
+        def complete():
+            response = httpx.post(f"{url}/v1/completions", timeout=120, json={
+                "model": "kad-tiny", "prompt": "Count", "max_tokens": 450,
+                "ignore_eos": True})
+            plain["status"], plain["body"] = response.status_code, response.json()
+
+        workers.append(threading.Thread(target=complete))
+        workers[-1].start()
+        _until(lambda: _running(url) >= 5, 60, "the non-streaming request was not admitted")
+        engine = _descendants(server["process"].pid)
+        (core,) = [p for p in engine if "EngineCor" in p.name()]
+        core.kill()
+        killed = time.monotonic()
+        status = server["process"].wait(timeout=120)
+        exited_after = time.monotonic() - killed
+        for worker in workers:
+            worker.join(timeout=60)
+        log = server["log"].read_text()
+        assert status == 1, log[-3000:]
+        assert exited_after < 30, exited_after
+        for out in streams:
+            assert out["finished"] and out["done"] and out["reasons"] == [], out
+            assert out["errors"][0]["type"] == "internal_server_error", out
+        assert plain["status"] == 500, plain
+        assert set(plain["body"]["error"]) == {"message", "type", "param", "code"}
+        assert log.count("the engine died") == 1, log[-3000:]
+        _until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                               for p in engine), 30, "engine processes left behind")
+    finally:
+        _stop(server)
+
+
+def test_sigterm_during_start_up_exits_within_10_s(tiny_pair, tmp_path):
+    """SIGTERM while vLLM loads the models: the start is cancelled, what vLLM started is
+    killed, the process exits 0 within 10 s (not after the whole load)."""
+    server = _launch(tiny_pair, tmp_path)
+    try:
+        pid = server["process"].pid
+        _until(lambda: any("EngineCor" in p.name() for p in _descendants(pid)), 600,
+               "no engine core process was started")
+        engine = _descendants(pid)
+        server["process"].send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        status = server["process"].wait(timeout=60)
+        exited_after = time.monotonic() - signalled
+        log = server["log"].read_text()
+        assert status == 0, log[-3000:]
+        assert exited_after < 10, exited_after
+        assert "engine failed to start" not in log
+        _until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                               for p in engine), 15, "engine processes left behind")
+    finally:
+        _stop(server)
+
+
+def test_busy_port_fails_fast_with_one_clear_line(tiny_pair, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        server = _launch(tiny_pair, tmp_path, port=busy.getsockname()[1])
+        try:
+            status = server["process"].wait(timeout=120)
+        finally:
+            _stop(server)
+    log = server["log"].read_text()
+    assert status == 1, log[-3000:]
+    assert f"cannot listen on 127.0.0.1:{server['port']}: Address already in use" in log
+    assert "Traceback" not in log and "EngineCore" not in log
