@@ -133,7 +133,7 @@ async def _plain_vllm_run(llm, prompts, max_tokens, concurrency, seed0) -> float
 def _bench_plain(config: ServeConfig, args, tokenizer) -> list[dict[str, Any]]:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from server.engine.background import LoopThread
+    from bench.background import LoopThread
     from server.engine.vllm_engine import engine_args
 
     engine_args_plain = engine_args(config)
@@ -195,8 +195,8 @@ def _print(record: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from bench.background import BackgroundEngine
     from server.engine import build_engine
-    from server.engine.background import BackgroundEngine
 
     root = Path(args.models)
     if args.target is None and args.draft is None and root.name.startswith("tiny"):

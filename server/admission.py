@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Protocol
 
 from server.errors import APIError
@@ -33,6 +32,8 @@ class Admission:
         self.limit = limit
         self.draining = False
         self._jobs: set[InterruptibleJob] = set()
+        self._idle = asyncio.Event()  # set exactly while no job is registered
+        self._idle.set()
 
     @property
     def running(self) -> int:
@@ -63,16 +64,20 @@ class Admission:
 
     def add(self, job: InterruptibleJob) -> None:
         self._jobs.add(job)
+        self._idle.clear()
 
     def release(self, job: InterruptibleJob) -> None:
         self._jobs.discard(job)
+        if not self._jobs:
+            self._idle.set()
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new jobs; after ``grace_s`` interrupt the jobs that are still running."""
         self.draining = True
-        deadline = time.monotonic() + grace_s
-        while self._jobs and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            pass
         if self._jobs:
             logger.warning("shutdown grace period over: aborting %d request(s)", self.running)
         for job in list(self._jobs):

@@ -54,7 +54,8 @@ class ServerState:
         self.drain_task: asyncio.Future | None = None
         self.watchdog_task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.metrics = ServerMetrics(engine.totals, lambda: self.admission.running)
+        self.metrics = ServerMetrics(engine.totals, lambda: self.admission.running,
+                                     engine.metrics_registry)
         # What the process exits with; 1 once the engine failed to start or died.
         self.exit_status = 0
         # Set by the CLI: asks uvicorn to stop (without it, e.g. in tests, the app stays up

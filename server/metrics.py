@@ -2,6 +2,9 @@
 
 Each app owns its registry (tests run several apps in one process). Alignment totals are
 read from the engine at scrape time, so they always agree with the engine's own counts.
+The engine's own registry (vLLM's ``vllm:*`` metrics: KV-cache usage, running and waiting
+requests, preemptions, speculative decoding) is collected through the app's, so one
+scrape of ``/metrics`` returns both.
 """
 
 from __future__ import annotations
@@ -48,11 +51,22 @@ class _AlignmentCollector(Collector):
         yield alpha
 
 
+class _RegistryCollector(Collector):
+    """Every metric of another registry, collected at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self):
+        yield from self._registry.collect()
+
+
 class ServerMetrics:
-    """The metrics of one server instance."""
+    """The metrics of one server instance, with the engine's registry (if any) merged in."""
 
     def __init__(self, totals: Callable[[], dict[str, RequestStats]],
-                 running: Callable[[], int]) -> None:
+                 running: Callable[[], int],
+                 engine_registry: CollectorRegistry | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("kad_http_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -74,6 +88,8 @@ class ServerMetrics:
                               registry=self.registry)
         running_gauge.set_function(lambda: float(running()))
         self.registry.register(_AlignmentCollector(totals))
+        if engine_registry is not None:
+            self.registry.register(_RegistryCollector(engine_registry))
 
 
 class MetricsMiddleware:

@@ -53,8 +53,8 @@ def tiny_serve_config(pair: TinyPair, **engine):
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_pair):
     """The vLLM engine with the hook (multiprocess engine core, gamma 1), shared by tests."""
+    from bench.background import BackgroundEngine
     from server.engine import build_engine
-    from server.engine.background import BackgroundEngine
 
     engine = BackgroundEngine(build_engine(tiny_serve_config(tiny_pair)))
     engine.start(timeout=600)

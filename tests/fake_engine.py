@@ -41,13 +41,14 @@ class FakeEngine:
     def __init__(self, config: ServeConfig, tokenizer, start_delay: float = 0.0,
                  token_delay: float = 0.002, fail_start: bool = False,
                  fail_after: int | None = None, die_after: int | None = None,
-                 fail_init: bool = False) -> None:
+                 fail_init: bool = False, metrics_registry=None) -> None:
         if fail_init:
             raise RuntimeError("fake engine cannot be built")
         self.served_model_name = config.models.served_model_name
         self.max_model_len = config.engine.max_model_len
         self.default_alignment = config.alignment
         self.tokenizer = tokenizer
+        self.metrics_registry = metrics_registry  # a registry standing in for vLLM's
         self.start_delay, self.token_delay = start_delay, token_delay
         self.fail_start, self.fail_after = fail_start, fail_after
         self.die_after = die_after  # the engine dies when a request reaches this step
@@ -114,9 +115,6 @@ class FakeEngine:
             self.running.discard(request_id)
             if not finished:
                 self.aborted.append(request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self.running.discard(request_id)
 
     def num_unfinished_requests(self) -> int:
         return len(self.running)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import uvicorn
+from waiting import wait_until
 
 
 def free_port() -> int:
@@ -24,10 +24,7 @@ class ServerThread:
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
+        wait_until(lambda: self.server.started, 20, "server did not start")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:

@@ -10,14 +10,13 @@ vLLM engine (slow). Another engine is one more entry in ``SERVERS``.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from fake_engine import MODEL, FakeEngine, load_tokenizer, serve_fake
+from waiting import wait_ready
 
 
 @dataclass
@@ -35,23 +34,10 @@ class ApiTarget:
 def _fake_server(tiny_pair):
     thread, engine = serve_fake(load_tokenizer(str(tiny_pair.draft)))
     try:
-        _wait_ready(thread.url)
+        wait_ready(thread.url)
         yield ApiTarget(thread.url, MODEL, engine.tokenizer, "kad_dual", engine, True)
     finally:
         thread.stop()
-
-
-def _wait_ready(url: str, timeout: float = 30, process=None) -> None:
-    deadline = time.time() + timeout
-    while True:
-        assert process is None or process.poll() is None, "server process exited"
-        assert time.time() < deadline, "server did not become ready"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
 
 
 def _vllm_server(tiny_pair):
@@ -82,7 +68,7 @@ def _vllm_server(tiny_pair):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, timeout=600, process=process)
+        wait_ready(url, timeout=600, process=process)
         yield ApiTarget(url, "kad-tiny", load_tokenizer(str(tiny_pair.draft)), "kad_dual",
                         None, False)
     finally:

@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 from fake_engine import MODEL, FakeEngine, fake_config, load_tokenizer, serve_fake
+from waiting import wait_ready
 
 from server.app import create_app
 from server.cli import apply_overrides, main, parse_args
@@ -199,10 +200,7 @@ def test_client_leaving_mid_body_never_reaches_the_app():
 def test_half_sent_request_on_a_real_socket_is_408(tokenizer):
     thread, _ = serve_fake(tokenizer, request_body_timeout_s=0.5)
     try:
-        deadline = time.time() + 30
-        while httpx.get(f"{thread.url}/health").status_code != 200:
-            assert time.time() < deadline
-            time.sleep(0.02)
+        wait_ready(thread.url)
         with socket.create_connection(("127.0.0.1", thread.port), timeout=20) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: kad\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fake_engine import MODEL, fake_config, load_tokenizer, serve_fake
 from serving import free_port
+from waiting import wait_ready, wait_until
 
 from server.cli import apply_overrides, parse_args
 
@@ -32,18 +33,11 @@ def tokenizer(tiny_pair):
     return load_tokenizer(str(tiny_pair.draft))
 
 
-def wait_for(predicate, timeout: float = 15.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 def test_api_key(tokenizer):
     thread, _ = serve_fake(tokenizer, api_key="sekret")
     try:
         url, auth = thread.url, {"Authorization": "Bearer sekret"}
-        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)  # open
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)  # open
         assert httpx.get(f"{url}/metrics").status_code == 200  # open
         missing = httpx.post(f"{url}/v1/completions", json=BODY)
         assert missing.status_code == 401
@@ -74,7 +68,7 @@ def test_health_until_ready_and_after_the_engine_dies(tokenizer):
         assert loading.json()["error"]["code"] == "engine_not_ready"
         early = httpx.post(f"{url}/v1/completions", json=BODY)
         assert early.status_code == 503 and early.json()["error"]["code"] == "engine_not_ready"
-        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         assert httpx.post(f"{url}/v1/completions", json=BODY).status_code == 200
         engine.errored = True  # the engine died
@@ -90,7 +84,7 @@ def test_health_until_ready_and_after_the_engine_dies(tokenizer):
 def test_engine_that_fails_to_start(tokenizer):
     thread, _ = serve_fake(tokenizer, engine_options={"fail_start": True})
     try:
-        wait_for(lambda: httpx.get(f"{thread.url}/health").json()["error"]["code"]
+        wait_until(lambda: httpx.get(f"{thread.url}/health").json()["error"]["code"]
                  == "engine_dead")
         response = httpx.post(f"{thread.url}/v1/completions", json=BODY)
         assert response.status_code == 503
@@ -103,7 +97,7 @@ def test_queue_bound(tokenizer):
                                 max_waiting_requests=3)
     try:
         url = thread.url
-        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
         # More than the bound on its own: it can never be admitted, so 400, not "retry".
         too_many = httpx.post(f"{url}/v1/completions", json={**BODY, "n": 4})
         assert too_many.status_code == 400
@@ -116,7 +110,7 @@ def test_queue_bound(tokenizer):
             busy = httpx.post(f"{url}/v1/completions", json={**BODY, "n": 2})
             assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
             assert httpx.post(f"{url}/v1/completions", json=BODY).status_code == 200
-        wait_for(lambda: engine.num_unfinished_requests() == 0)
+        wait_until(lambda: engine.num_unfinished_requests() == 0)
         assert httpx.post(f"{url}/v1/completions", json={**BODY, "n": 3}).status_code == 200
     finally:
         thread.stop()
@@ -145,15 +139,15 @@ def test_draining_finishes_short_requests_and_aborts_long_ones(tokenizer):
                                 shutdown_grace_s=1.0)
     try:
         url = thread.url
-        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
         short, long = {}, {}
         workers = [threading.Thread(target=_read_stream, args=(url, 10, short)),
                    threading.Thread(target=_read_stream, args=(url, 240, long))]
         for worker in workers:
             worker.start()
-        wait_for(lambda: short.get("started") and long.get("started"))
+        wait_until(lambda: short.get("started") and long.get("started"))
         thread.server.config.app.state.kad.begin_shutdown()  # what SIGTERM does
-        wait_for(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=5)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=5)
         assert httpx.get(f"{url}/health").json()["error"]["code"] == "shutting_down"
         refused = httpx.post(f"{url}/v1/completions", json=BODY)
         assert refused.status_code == 503
@@ -225,20 +219,14 @@ def test_sigterm_drains_and_exits_zero(tiny_pair):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        def ready() -> bool:
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            try:
-                return httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, timeout=120)
+        wait_ready(url, timeout=120, process=process,
+                   output=lambda: process.communicate()[1])
         short, long = {}, {}
         workers = [threading.Thread(target=_read_stream, args=(url, 10, short)),
                    threading.Thread(target=_read_stream, args=(url, 240, long))]
         for worker in workers:
             worker.start()
-        wait_for(lambda: short.get("started") and long.get("started"))
+        wait_until(lambda: short.get("started") and long.get("started"))
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)
         for worker in workers:
@@ -292,7 +280,7 @@ def test_engine_death_fails_in_flight_requests_and_exits_1(tiny_pair):
     process = _serve_process(tiny_pair, port, {"token_delay": 0.02, "die_after": 100},
                              shutdown_grace_s=30)
     try:
-        wait_for(lambda: process.poll() is None and _health(url) == 200, timeout=120)
+        wait_until(lambda: process.poll() is None and _health(url) == 200, timeout=120)
         streams = [{}, {}]
         plain: dict = {}
         workers = [threading.Thread(target=_read_stream, args=(url, 240, out))
@@ -340,7 +328,7 @@ def test_sigterm_while_the_engine_loads_exits_0_at_once(tiny_pair):
     url = f"http://127.0.0.1:{port}"
     process = _serve_process(tiny_pair, port, {"start_delay": 600})
     try:
-        wait_for(lambda: process.poll() is None and _health(url) == 503, timeout=120)
+        wait_until(lambda: process.poll() is None and _health(url) == 503, timeout=120)
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
         stdout, stderr = process.communicate(timeout=30)

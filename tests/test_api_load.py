@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import pytest
 from fake_engine import MODEL, load_tokenizer, serve_fake
+from waiting import wait_ready, wait_until
 
 
 @pytest.fixture(scope="module")
 def served(tiny_pair):
     thread, engine = serve_fake(load_tokenizer(str(tiny_pair.draft)),
                                 engine_options={"token_delay": 0.005})
-    deadline = time.time() + 30
-    while httpx.get(f"{thread.url}/health").status_code != 200:
-        assert time.time() < deadline
-        time.sleep(0.02)
+    wait_ready(thread.url)
     yield thread.url, engine
     thread.stop()
 
@@ -114,15 +111,11 @@ def test_clients_hanging_up_mid_stream_free_the_engine(served):
 
     asyncio.run(run_all())
     assert max(seen) > 0  # they really were running when the clients left
-    # abort() frees a request at once; its generator records the abort when it unwinds.
-    deadline = time.time() + 10
-    while (engine.num_unfinished_requests() or len(engine.aborted) - aborted_before < 10) \
-            and time.time() < deadline:
-        time.sleep(0.02)
+    # Each request's generator is closed (aborted) and records the abort as it unwinds.
+    wait_until(lambda: not engine.num_unfinished_requests()
+               and len(engine.aborted) - aborted_before >= 10, 10)
     assert engine.num_unfinished_requests() == 0
     assert len(engine.aborted) - aborted_before == 10
-    deadline = time.time() + 10
-    while metric(httpx.get(f"{url}/metrics").text, "kad_requests_running") \
-            and time.time() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not metric(httpx.get(f"{url}/metrics").text, "kad_requests_running"),
+               10)
     assert metric(httpx.get(f"{url}/metrics").text, "kad_requests_running") == 0

@@ -3,6 +3,8 @@ for what it must do (GPUs, read-only models, secrets, health, profiles), Dockerf
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -146,3 +148,74 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     text = (REPO / "docker" / dockerfile).read_text()
     assert "HEALTHCHECK" in text and "/health" in text
     assert 'ENTRYPOINT ["kad-serve"]' in text and "USER 10001" in text
+
+
+def _default(value) -> str:
+    """A compose value with ``${VAR:-default}`` replaced by its default."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+
+
+def _argv(service: dict) -> list[str]:
+    """The container's command line: entrypoint then command, a ``sh -c`` script split."""
+    argv = list(service.get("entrypoint", [])) + list(service.get("command", []))
+    if argv[:2] == ["sh", "-c"]:
+        return shlex.split(argv[2].replace("&&", " && "))
+    return argv
+
+
+def test_two_node_compose_runs_the_server_beside_the_ray_head_and_a_worker_apart():
+    """The structure a Ray head + worker deployment needs, not just the strings: the server
+    runs in the head's container (vLLM's driver joins through the local raylet), the worker
+    is not started with the head, ports agree, host networking everywhere (Ray, NCCL and
+    the hook's TCP statistics reach the head node's address), no stats environment variable
+    (the address travels in vLLM's config), and the config spans exactly these GPUs."""
+    compose = _compose(REPO / "docker" / "ray" / "compose.two-node.yaml")
+    services = compose["services"]
+    for name, service in services.items():
+        assert service.get("network_mode") == "host", name
+        assert "ports" not in service, f"{name}: ports do not apply with host networking"
+        for key in service.get("environment", {}):
+            assert "STATS" not in key.upper(), f"{name}: stats address in the environment"
+        assert any(v.endswith("/models:ro") for v in service["volumes"]), name
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices and devices[0]["driver"] == "nvidia", name
+
+    heads = {n: _argv(s) for n, s in services.items() if "--head" in _argv(s)}
+    assert len(heads) == 1, heads
+    (head_name, head_argv), = heads.items()
+    head = services[head_name]
+    assert head_argv[:3] == ["ray", "start", "--head"] and "profiles" not in head
+    port = next(a.split("=", 1)[1] for a in head_argv if a.startswith("--port="))
+    # Then the server, in the same container, as its main process (gets SIGTERM, drains).
+    assert "&&" in head_argv, "the server must run in the Ray head's container"
+    assert head_argv[head_argv.index("&&") + 1:][:2] == ["exec", "kad-serve"]
+    server_argv = head_argv[head_argv.index("&&") + 3:]
+    config_path = REPO / server_argv[server_argv.index("--config") + 1]
+    assert config_path.exists(), config_path
+    assert head["environment"]["RAY_ADDRESS"] == f"127.0.0.1:{port}"
+    assert "healthcheck" not in head  # the image's GET :8000/health checks this server
+
+    workers = {n: s for n, s in services.items() if n != head_name}
+    assert len(workers) == 1
+    (worker,) = workers.values()
+    argv = _argv(worker)
+    assert argv[:2] == ["ray", "start"] and "--block" in argv and "kad-serve" not in argv
+    address = next(a.split("=", 1)[1] for a in argv if a.startswith("--address="))
+    host, _, worker_port = address.rpartition(":")
+    assert worker_port == port, "the worker joins the head's port"
+    assert _default(host) not in {"127.0.0.1", "localhost", ""}, \
+        "a worker node must be given the head's address, not default to itself"
+    assert worker.get("profiles"), "a plain `up` on the head node must not start a worker"
+    check = " ".join(worker["healthcheck"]["test"])
+    assert "8000" not in check and "ray" in check, "the image's check is for the server"
+
+    config = load_config(config_path)
+    engine = config.engine
+    assert engine.distributed_executor_backend == "ray"
+    assert engine.pipeline_parallel_size == 2, "one pipeline stage per node"
+    for service in services.values():
+        count = service["deploy"]["resources"]["reservations"]["devices"][0]["count"]
+        assert int(_default(count)) == engine.tensor_parallel_size, "GPUs per node"
+    assert config.server.host == "0.0.0.0"
+    assert config.models.target.startswith("/models/")
+    assert config.models.draft.startswith("/models/")

@@ -46,3 +46,27 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, stop=("Question",))
     out = "".join(detok.add([token]) for token in ids) + detok.flush()
     assert out == "a Que b" and not detok.stopped
+
+
+def test_several_tokens_at_once_stop_where_one_at_a_time_would(tokenizer):
+    ids = tokenizer.encode("x a b c d", add_special_tokens=False)
+    # "b c" is listed first but "a" completes earlier in the text.
+    detok = IncrementalDetokenizer(tokenizer, stop=("b c", "a"))
+    assert detok.add(ids) == "x " and detok.stopped and detok.text == "x "
+    assert detok.add(ids) == "" and detok.flush() == ""
+
+
+def test_stop_string_completed_by_the_flushed_tail(tokenizer):
+    ids = tokenizer.encode("ok ✓", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, stop=("\ufffd",))
+    out = detok.add(ids[:-1]) + detok.flush()
+    assert out == "ok " and detok.stopped
+
+
+def test_a_tokenizer_without_a_tokenizers_backend_is_refused():
+    class Slow:
+        def decode(self, ids, skip_special_tokens=False):
+            return ""
+
+    with pytest.raises(TypeError, match="fast"):
+        IncrementalDetokenizer(Slow())

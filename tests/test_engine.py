@@ -207,6 +207,29 @@ def test_unsupported_rule_is_rejected_and_engine_keeps_serving(tiny_engine, prom
     assert tiny_engine.engine.num_unfinished_requests() == 0
 
 
+def test_vllm_engine_metrics_are_collected(tiny_engine, prompt):
+    """vLLM's statistics are on: its Prometheus metrics fill the engine's registry (the one
+    /metrics merges), speculative decoding counts included."""
+    from prometheus_client import generate_latest
+
+    tiny_engine.complete_many(
+        [prompt] * 2, [SamplingOptions(max_tokens=6, seed=3, ignore_eos=True)] * 2,
+        [AlignmentSettings(rule="kad_dual", lam=0.4)] * 2, timeout=300,
+    )
+    text = generate_latest(tiny_engine.engine.metrics_registry).decode()
+
+    def value(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{"))
+
+    for gauge in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running",
+                  "vllm:num_requests_waiting", "vllm:num_preemptions_total"):
+        assert f"{gauge}{{" in text, gauge
+    assert value("vllm:generation_tokens_total") >= 12
+    assert value("vllm:spec_decode_num_draft_tokens_total") > 0
+    assert "vllm:spec_decode_num_accepted_tokens_total{" in text
+
+
 def test_same_seed_gives_the_same_text(tiny_engine, prompt):
     alignment = AlignmentSettings(rule="kad_dual", lam=0.4)
     runs = [

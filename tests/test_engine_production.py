@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from test_engine import pooled_chi_square_pvalue, tv
 
 from server.alignment import AlignmentSettings
 from server.engine.interface import SamplingOptions
-from test_engine import pooled_chi_square_pvalue, tv
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,8 @@ MIXED_RULES = ("kad_dual", "aligned", "nudging", "confidence_bet")
 def production_engine(tiny_pair):
     from conftest import tiny_serve_config
 
+    from bench.background import BackgroundEngine
     from server.engine import build_engine
-    from server.engine.background import BackgroundEngine
 
     engine = BackgroundEngine(build_engine(tiny_serve_config(
         tiny_pair, num_speculative_tokens=GAMMA)))
@@ -93,8 +93,8 @@ def crowded_engine(tiny_pair):
     of about 1,500 tokens for eight 400-token requests (preemption and recompute)."""
     from conftest import tiny_serve_config
 
+    from bench.background import BackgroundEngine
     from server.engine import build_engine
-    from server.engine.background import BackgroundEngine
 
     engine = BackgroundEngine(build_engine(tiny_serve_config(
         tiny_pair, num_speculative_tokens=GAMMA, max_model_len=512, cpu_kv_cache_gib=0.01,

@@ -12,10 +12,10 @@ import os
 from collections import Counter
 
 import pytest
+from test_engine import pooled_chi_square_pvalue, tv
 
 from server.alignment import AlignmentSettings
 from server.engine.interface import SamplingOptions
-from test_engine import pooled_chi_square_pvalue, tv
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,8 @@ def tp2_pair(tiny_pair):
 def tp2_engine(tp2_pair):
     from conftest import tiny_serve_config
 
+    from bench.background import BackgroundEngine
     from server.engine import build_engine
-    from server.engine.background import BackgroundEngine
 
     cores = sorted(os.sched_getaffinity(0))
     previous = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")

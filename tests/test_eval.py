@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 from fake_engine import FakeEngine
 from serving import ServerThread
+from waiting import wait_ready
 
 from bench.eval import cli as eval_cli
 from bench.eval.datasets import (
@@ -121,8 +121,7 @@ def eval_server(tiny_pair):
         "engine": {"max_model_len": 512},
     })
     thread = ServerThread(create_app(config, lambda c: FlakyEngine(c, tokenizer)))
-    while httpx.get(f"{thread.url}/health").status_code != 200:
-        pass
+    wait_ready(thread.url)
     yield thread
     thread.stop()
 

@@ -152,7 +152,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def run_eval(server_url: str, data_dir: Path, out: Path, *extra: str) -> int:
     return eval_cli.main(["--base-url", server_url, "--data-dir", str(data_dir),
                           "--task", "gsm8k", "--task", "svamp", "--out", str(out),
-                          "--retry-wait", "0", "--no-progress", *extra])
+                          "--no-progress", *extra])
 
 
 def test_settings_pair_params_with_the_preceding_rule():

@@ -20,6 +20,7 @@ import openai
 import psutil
 import pytest
 import yaml
+from waiting import wait_ready, wait_until
 
 from bench.eval import cli as eval_cli
 
@@ -59,20 +60,8 @@ def _launch(tiny_pair, directory: Path, port: int | None = None) -> dict:
 
 def _wait_ready(server: dict) -> bool:
     """Waits (generously: a loaded machine) until /health is 200; True if it saw 503."""
-    saw_loading = False
-    deadline = time.time() + 600
-    while True:
-        assert server["process"].poll() is None, server["log"].read_text()[-3000:]
-        assert time.time() < deadline, "server did not become ready"
-        try:
-            status = httpx.get(f"{server['url']}/health", timeout=2).status_code
-        except httpx.TransportError:
-            status = None
-        if status == 503:
-            saw_loading = True
-        if status == 200:
-            return saw_loading
-        time.sleep(0.25)
+    return wait_ready(server["url"], timeout=600, process=server["process"],
+                      output=server["log"].read_text, interval=0.25)
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -165,16 +154,8 @@ def test_disconnects_free_the_engine(server):
             await asyncio.gather(*(one() for _ in range(10)))
 
     asyncio.run(leave_early())
-    deadline = time.time() + 30
-    running = None
-    while time.time() < deadline:
-        metrics = httpx.get(f"{server['url']}/metrics").text
-        running = next(float(line.split()[1]) for line in metrics.splitlines()
-                       if line.startswith("kad_requests_running"))
-        if running == 0:
-            break
-        time.sleep(0.2)
-    assert running == 0
+    wait_until(lambda: _running(server["url"]) == 0, 30, "requests still running",
+               interval=0.2)
 
 
 def test_sweep_against_the_tiny_server(server, tmp_path):
@@ -227,13 +208,6 @@ def _stream(url: str, max_tokens: int, out: dict) -> None:
     out["finished"] = True
 
 
-def _until(predicate, timeout: float, message: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, message
-        time.sleep(0.05)
-
-
 def _running(url: str) -> float:
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
     return next(float(line.split()[1]) for line in metrics.splitlines()
@@ -256,7 +230,7 @@ def test_sigterm_to_the_process_group_drains_16_streams_and_exits_zero(server):
     workers.append(threading.Thread(target=complete))
     for worker in workers:
         worker.start()
-    _until(lambda: all(out.get("started") for out in streams), 120, "streams did not start")
+    wait_until(lambda: all(out.get("started") for out in streams), 120, "streams did not start")
     os.killpg(server["process"].pid, signal.SIGTERM)
     for worker in workers:
         worker.join(timeout=120)
@@ -282,7 +256,7 @@ def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path)
         workers = [threading.Thread(target=_stream, args=(url, 450, out)) for out in streams]
         for worker in workers:
             worker.start()
-        _until(lambda: all(out.get("started") for out in streams), 120,
+        wait_until(lambda: all(out.get("started") for out in streams), 120,
                "streams did not start")
         plain = {}
 
@@ -294,7 +268,7 @@ def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path)
 
         workers.append(threading.Thread(target=complete))
         workers[-1].start()
-        _until(lambda: _running(url) >= 5, 60, "the non-streaming request was not admitted")
+        wait_until(lambda: _running(url) >= 5, 60, "the non-streaming request was not admitted")
         engine = _descendants(server["process"].pid)
         (core,) = [p for p in engine if "EngineCor" in p.name()]
         core.kill()
@@ -312,7 +286,7 @@ def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path)
         assert plain["status"] == 500, plain
         assert set(plain["body"]["error"]) == {"message", "type", "param", "code"}
         assert log.count("the engine died") == 1, log[-3000:]
-        _until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                for p in engine), 30, "engine processes left behind")
     finally:
         _stop(server)
@@ -324,7 +298,7 @@ def test_sigterm_during_start_up_exits_within_10_s(tiny_pair, tmp_path):
     server = _launch(tiny_pair, tmp_path)
     try:
         pid = server["process"].pid
-        _until(lambda: any("EngineCor" in p.name() for p in _descendants(pid)), 600,
+        wait_until(lambda: any("EngineCor" in p.name() for p in _descendants(pid)), 600,
                "no engine core process was started")
         engine = _descendants(pid)
         server["process"].send_signal(signal.SIGTERM)
@@ -335,7 +309,7 @@ def test_sigterm_during_start_up_exits_within_10_s(tiny_pair, tmp_path):
         assert status == 0, log[-3000:]
         assert exited_after < 10, exited_after
         assert "engine failed to start" not in log
-        _until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                for p in engine), 15, "engine processes left behind")
     finally:
         _stop(server)

@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the paper samples at 0.7; 0 for greedy")
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0, help="base of the per-item seeds")
-    parser.add_argument("--retries", type=int, default=3, help="retries of a failing request")
-    parser.add_argument("--retry-wait", type=float, default=0.5,
-                        help="first backoff in seconds (doubles per retry)")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="retries of a transiently failing request (the openai client's "
+                             "max_retries, with its exponential backoff)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="on resume, redo items recorded with an error")
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
@@ -133,7 +133,8 @@ async def _main(args: argparse.Namespace) -> int:
 
     settings = parse_settings(getattr(args, "ordered_settings", None))
     tasks = _load_tasks(args)
-    client = openai.AsyncOpenAI(base_url=openai_base_url(args.base_url), api_key=args.api_key, max_retries=0,
+    client = openai.AsyncOpenAI(base_url=openai_base_url(args.base_url), api_key=args.api_key,
+                                max_retries=args.retries,
                                 timeout=args.timeout)
     jobs, total = [], 0
     for setting in settings:
@@ -146,7 +147,7 @@ async def _main(args: argparse.Namespace) -> int:
     if jobs:
         model = args.model or (await client.models.list()).data[0].id
         options = RequestOptions(model, args.max_tokens, args.temperature, args.top_p,
-                                 args.seed, args.retries, args.retry_wait)
+                                 args.seed)
         with tqdm(total=total, initial=total - len(jobs), desc="kad-eval", file=sys.stderr,
                   disable=True if args.no_progress else None) as progress:
             await run_jobs(client, jobs, options, args.concurrency, progress)

@@ -1,10 +1,11 @@
 """Send items through an OpenAI-compatible server; append one JSONL line per item.
 
 Resumable: items whose id is already in their output file are skipped (``retry_failed``
-redoes those recorded with an error; the newest line of an id wins). A request that fails
-transiently (connection, timeout, 408/409/429, 5xx) is retried with exponential backoff;
-a request the server rejects (other 4xx) or that still fails is written with its error
-and counted as wrong, never dropped.
+redoes those recorded with an error; the newest line of an id wins). Retries are the
+openai client's (``max_retries``): a request that fails transiently (connection, timeout,
+408/409/429, 5xx) is retried with its exponential backoff, honouring ``Retry-After``; a
+request the server rejects (other 4xx) or that still fails is written with its error and
+counted as wrong, never dropped.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Any
 from bench.eval.datasets import LETTERS, Item
 from bench.eval.extract import answers_match, last_boxed, last_letter, last_number, normalize_boxed
 from bench.eval.prompts import messages
-
-RETRYABLE_STATUS = {408, 409, 429}
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,6 @@ class RequestOptions:
     temperature: float = 0.7
     top_p: float | None = None
     seed: int = 0
-    retries: int = 3
-    retry_wait_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -110,13 +107,14 @@ def _repair_tail(path: Path) -> None:
                 handle.write(b"\n")
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """Transient: no response, timeouts, rate limits, server errors. Not: bad requests."""
-    import openai
-
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
-    return True
+def _attempts(exc: BaseException) -> int:
+    """Requests the client sent before giving up: its last one says how many retries
+    preceded it (openai's ``x-stainless-retry-count`` header)."""
+    request = getattr(exc, "request", None)
+    try:
+        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 1
 
 
 def _item_seed(base: int, item_id: str) -> int:
@@ -125,7 +123,8 @@ def _item_seed(base: int, item_id: str) -> int:
 
 
 async def request_item(client: Any, job: Job, options: RequestOptions) -> dict[str, Any]:
-    """Ask the server once per attempt; return the record to write (never raises)."""
+    """Ask the server (the client retries transient failures); return the record to write
+    (never raises)."""
     item, setting = job.item, job.setting
     chat = messages(item)
     record: dict[str, Any] = {
@@ -137,35 +136,32 @@ async def request_item(client: Any, job: Job, options: RequestOptions) -> dict[s
                                 "seed": _item_seed(options.seed, item.id)}
     if options.top_p is not None:
         sampling["top_p"] = options.top_p
-    for attempt in range(1, options.retries + 2):
-        started = time.perf_counter()
-        try:
-            response = await client.chat.completions.create(
-                model=options.model, messages=chat, max_tokens=options.max_tokens,
-                extra_body=extra or None, **sampling,
-            )
-        except Exception as exc:  # noqa: BLE001 - recorded, never dropped
-            record.update(output=None, extracted=None, correct=False, kad=None,
-                          error=f"{type(exc).__name__}: {exc}", attempts=attempt)
-            if attempt > options.retries or not is_retryable(exc):
-                return record
-            await asyncio.sleep(min(30.0, options.retry_wait_s * 2 ** (attempt - 1)))
-            continue
-        seconds = time.perf_counter() - started
-        choice = response.choices[0]
-        text = choice.message.content or ""
-        answer = extract(item, text)
-        usage = response.usage
-        tokens = usage.completion_tokens if usage else None
-        record.update(
-            output=text, extracted=answer, correct=answers_match(item.kind, answer, item.gold),
-            finish_reason=choice.finish_reason,
-            prompt_tokens=usage.prompt_tokens if usage else None, completion_tokens=tokens,
-            seconds=seconds, tokens_per_s=tokens / seconds if tokens and seconds else None,
-            kad=(response.model_extra or {}).get("kad"), error=None, attempts=attempt,
+    started = time.perf_counter()
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=options.model, messages=chat, max_tokens=options.max_tokens,
+            extra_body=extra or None, **sampling,
         )
+        response = raw.parse()
+    except Exception as exc:  # noqa: BLE001 - recorded, never dropped
+        record.update(output=None, extracted=None, correct=False, kad=None,
+                      error=f"{type(exc).__name__}: {exc}", attempts=_attempts(exc))
         return record
-    raise AssertionError("unreachable")
+    seconds = time.perf_counter() - started
+    choice = response.choices[0]
+    text = choice.message.content or ""
+    answer = extract(item, text)
+    usage = response.usage
+    tokens = usage.completion_tokens if usage else None
+    record.update(
+        output=text, extracted=answer, correct=answers_match(item.kind, answer, item.gold),
+        finish_reason=choice.finish_reason,
+        prompt_tokens=usage.prompt_tokens if usage else None, completion_tokens=tokens,
+        seconds=seconds, tokens_per_s=tokens / seconds if tokens and seconds else None,
+        kad=(response.model_extra or {}).get("kad"), error=None,
+        attempts=raw.retries_taken + 1,
+    )
+    return record
 
 
 async def run_jobs(client: Any, jobs: list[Job], options: RequestOptions, concurrency: int,

@@ -98,6 +98,9 @@ class Engine(Protocol):
     max_model_len: int
     default_alignment: AlignmentSettings
     tokenizer: Any  # Hugging Face tokenizer of the aligned model (owns the chat template)
+    # The engine's own Prometheus registry (vLLM's vllm:* metrics), merged into /metrics;
+    # None when the engine has none.
+    metrics_registry: Any
 
     async def start(self) -> None:
         """Load models and start the engine (slow); ``ready`` turns True when it returns."""
@@ -115,9 +118,11 @@ class Engine(Protocol):
         prompt_token_ids: list[int],
         sampling: SamplingOptions,
         alignment: AlignmentSettings,
-    ) -> AsyncIterator[GenerationChunk]: ...
-
-    async def abort(self, request_id: str) -> None: ...
+    ) -> AsyncIterator[GenerationChunk]:
+        """The request's chunks. Closing the iterator before its last chunk (``aclose``, or
+        cancelling the task consuming it) aborts the request in the engine: the only way to
+        abort, so there is no separate ``abort(request_id)``."""
+        ...
 
     def num_unfinished_requests(self) -> int: ...
 

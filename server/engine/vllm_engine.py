@@ -22,7 +22,7 @@ from typing import Any
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
 from server.engine import process_guard
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from server.engine.hook_settings import HookSettings
 from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions
 from server.engine.preflight import PreflightResult, run_preflight
@@ -114,7 +114,10 @@ def engine_args(config: ServeConfig, hook: HookSettings | None = None,
                                else int(engine.cpu_kv_cache_gib * 2**30)),
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
-        disable_log_stats=True,
+        # Statistics on: AsyncLLM's PrometheusStatLogger fills vLLM's metrics, served by
+        # /metrics. Its periodic log line appears only when do_log_stats() is called, which
+        # kad-serve never does.
+        disable_log_stats=False,
         additional_config=hook or HookSettings(),
         **scheduling,
     )
@@ -153,6 +156,12 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.models.tokenizer or config.models.draft
         )
+        backend_tokenizer(self.tokenizer)  # a fast tokenizer, or refuse to build (TypeError)
+        # vLLM's PrometheusStatLogger registers its vllm:* metrics here, in this process (the
+        # default registry; a multiprocess one only under PROMETHEUS_MULTIPROC_DIR).
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        self.metrics_registry = get_prometheus_registry()
         self._llm: Any = None
         self._receiver: StatsReceiver | None = None
         self._ready = False
