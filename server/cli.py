@@ -27,7 +27,7 @@ from types import FrameType
 
 import uvicorn
 
-from server.config import ConfigError, ServeConfig, load_config
+from server.config import ConfigError, ServeConfig, load_config, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="override server.port")
     parser.add_argument("--api-key", help="require this bearer key (or set KAD_API_KEY)")
     parser.add_argument("--api-key-file", help="read the key from this file (docker secrets)")
+    parser.add_argument("--target", help="override models.target (directory or hub id org/name)")
+    parser.add_argument("--draft", help="override models.draft (directory or hub id org/name)")
     parser.add_argument("--tensor-parallel-size", type=int, help="override engine.tensor_parallel_size")
     parser.add_argument("--num-speculative-tokens", type=int, help="override engine gamma")
     parser.add_argument("--log-level", default="info",
@@ -67,6 +69,13 @@ def apply_overrides(config: ServeConfig, args: argparse.Namespace) -> ServeConfi
                               "the API key (drop the flag to serve without a key)")
     if api_key:
         raw["server"]["api_key"] = api_key
+    for field in ("target", "draft"):
+        value = getattr(args, field, None)
+        if value is not None:  # as given on the command line: relative to the working dir
+            path = Path(value).expanduser()
+            raw["models"][field] = (str(path.resolve()) if path.exists()
+                                    or not looks_like_hub_id(value) else value)
+            raw["build_tiny_models"] = False
     if args.tensor_parallel_size is not None:
         raw["engine"]["tensor_parallel_size"] = args.tensor_parallel_size
     if args.num_speculative_tokens is not None:

@@ -20,8 +20,10 @@ class _Strict(BaseModel):
 
 
 class ModelPair(_Strict):
-    target: str = Field(description="large base model p (path to a Hugging Face model directory)")
-    draft: str = Field(description="small aligned model q* with the same tokenizer")
+    target: str = Field(description="large base model p: a local Hugging Face model directory "
+                        "or a hub repo id (org/name; needs the hub)")
+    draft: str = Field(description="small aligned model q* with the same tokenizer (directory "
+                       "or hub repo id)")
     served_model_name: str = "kad"
     # The aligned model's tokenizer owns the chat template; the base model sees the same ids.
     tokenizer: str | None = None
@@ -102,9 +104,17 @@ def load_config(path: str | Path) -> ServeConfig:
     return _resolve_paths(config, path.parent)
 
 
+def looks_like_hub_id(value: str) -> bool:
+    """``org/name`` (one slash, no leading ``.``/``~``): a Hugging Face repo id, which vLLM
+    downloads where the hub is reachable, when no such local path exists."""
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "~"))
+
+
 def _resolve_paths(config: ServeConfig, base: Path) -> ServeConfig:
     """Relative model paths are taken from the repository root when they exist there, else
-    relative to the config file, so `configs/tiny-cpu.yaml` works from the checkout."""
+    relative to the config file, so `configs/tiny-cpu.yaml` works from the checkout; a value
+    that exists nowhere and has the shape ``org/name`` stays a hub id."""
     def resolve(value: str | None) -> str | None:
         if value is None or Path(value).is_absolute():
             return value
@@ -112,6 +122,8 @@ def _resolve_paths(config: ServeConfig, base: Path) -> ServeConfig:
             candidate = root / value
             if candidate.exists():
                 return str(candidate.resolve())
+        if looks_like_hub_id(value):
+            return value
         return str((Path.cwd() / value).resolve())
 
     models = config.models.model_copy(update={

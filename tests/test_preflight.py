@@ -470,6 +470,25 @@ REAL_MODELS = {
         "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645,
         "tie_word_embeddings": True,
     },
+    # Qwen2.5-Coder: shapes as in the official config.json files (the 0.5B-Instruct's as
+    # rebuilt by ../shared/tools/real-pair; the 1.5B base shares the 1.5B-Instruct's
+    # shapes, with eos <|endoftext|> 151643 as Qwen base models have).
+    "Qwen2.5-Coder-1.5B": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+        "num_attention_heads": 12, "num_key_value_heads": 2,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+        "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151643,
+        "tie_word_embeddings": False,
+    },
+    "Qwen2.5-Coder-0.5B-Instruct": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+        "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645,
+        "tie_word_embeddings": True,
+    },
 }
 
 

