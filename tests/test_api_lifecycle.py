@@ -343,6 +343,60 @@ def test_sigterm_while_the_engine_loads_exits_0_at_once(tiny_pair):
     assert json.loads(stdout.strip().splitlines()[-1])["shut_down"] is True
 
 
+# --- engine processes: their own process group, and they die with their parent ------------
+_GUARD_SCRIPT = textwrap.dedent("""
+    import multiprocessing, os, signal, sys, time
+    from server.engine import process_guard
+
+    def report(signum, frame):
+        print(f"{os.getpid()} got signal {signum}", flush=True)
+
+    def engine(spawned):
+        if spawned:  # what vLLM's plugin loader does in a spawned engine process
+            process_guard.guard_spawned_process()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so a SIGTERM that arrives kills it
+        print(f"engine {os.getpid()} {os.getpgrp()}", flush=True)
+        time.sleep(600)
+
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, report)
+        process_guard.enable()  # what VllmEngine.start does before vLLM starts processes
+        method = sys.argv[1]
+        child = multiprocessing.get_context(method).Process(target=engine,
+                                                            args=(method == "spawn",))
+        child.start()
+        time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_engine_processes_leave_the_group_and_die_with_the_server(tmp_path, method):
+    import psutil
+
+    script = tmp_path / "guard.py"
+    script.write_text(_GUARD_SCRIPT)
+    server = subprocess.Popen([sys.executable, str(script), method], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = server.stdout.readline().split()
+        assert line[0] == "engine", line
+        engine_pid, engine_pgid = int(line[1]), int(line[2])
+        assert engine_pgid == engine_pid != os.getpgid(server.pid) == server.pid
+        engine = psutil.Process(engine_pid)
+        os.killpg(server.pid, signal.SIGTERM)  # Ctrl-C, kill -TERM -<pgid>: the server only
+        assert server.stdout.readline().strip() == f"{server.pid} got signal {signal.SIGTERM}"
+        time.sleep(0.5)
+        assert engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE
+        server.kill()  # the server killed outright: the engine notices and exits
+        server.wait()
+        wait_until(lambda: not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE,
+                   10, "the orphaned engine process is still running")
+    finally:
+        if server.poll() is None:
+            server.kill()  # (its engine process then exits by itself)
+            server.wait()
+
+
 # --- the command line ----------------------------------------------------------------------
 def test_bad_config_exits_2_with_a_clear_message(tmp_path):
     bad = tmp_path / "bad.yaml"
