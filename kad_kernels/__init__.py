@@ -13,13 +13,14 @@ from kad_kernels.mixture import (
     mix_with_alpha,
     mixture_stats,
 )
-from kad_kernels.rules import RULE_SPECS, RULES, RuleSpec
+from kad_kernels.rules import RULE_SPECS, RULES, TWO_MODEL_RULES, RuleSpec
 from kad_kernels.sampling import probs_from_logits, sample_rows
 from kad_kernels.speculative import speculative_verify
 
 __all__ = [
     "RULES",
     "RULE_SPECS",
+    "TWO_MODEL_RULES",
     "MixtureStats",
     "RuleSpec",
     "acceptance_probability",

@@ -10,8 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kad_kernels.rules import deferral_from_probs, resolve_param, row_threshold
-from kad_kernels.validation import as_probs, check_same_shape, remember_probs
+from kad_kernels.rules import (
+    RULE_SPECS,
+    check_two_model_rule,
+    deferral_from_probs,
+    resolve_param,
+    row_threshold,
+)
+from kad_kernels.validation import as_probs, check_same_shape
 
 
 @dataclass(frozen=True)
@@ -35,31 +41,21 @@ def _prepare(p, q_star, rule, param, q_base):
     q_star, q_sum = as_probs(q_star, "q_star")
     check_same_shape(p, q_star, "p", "q_star")
     param_t = resolve_param(rule, param, p.shape[:-1], p.device)
-    if rule == "implicit_reward":
+    if RULE_SPECS[rule].needs_q_base:
         if q_base is None:
-            raise ValueError("rule 'implicit_reward' needs q_base, the small base model's probabilities")
+            raise ValueError(f"rule {rule!r} needs q_base, the small base model's probabilities")
         q_base, _ = as_probs(q_base, "q_base")
         check_same_shape(p, q_base, "p", "q_base")
     return p, p_sum, q_star, q_sum, param_t, q_base
 
 
 def _implicit_reward(p: torch.Tensor, q_star: torch.Tensor, q_base: torch.Tensor) -> torch.Tensor:
-    """``pi ∝ p q*/q``; tokens with ``q == 0`` get no mass; rows with no overlap fall back to p.
-
-    Built in one output buffer with float arithmetic only (every extra full-vocabulary
-    temporary costs an allocation, and a bool mask is several times slower than a float
-    pass on CPU): ``w = sign(q) q* p / q`` is ``0/0 = NaN`` exactly where ``q == 0`` (and
-    nowhere else: inputs are finite), which ``nan_to_num_`` zeroes; then normalised.
-    """
-    weights = torch.sign(q_base).mul_(q_star).mul_(p)
-    weights.div_(q_base).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    """``pi ∝ p q*/q``; tokens with ``q == 0`` get no mass; rows with no overlap (or an
+    overflowing ratio) fall back to p."""
+    weights = torch.where(q_base > 0, p * q_star / q_base, 0.0)
     total = weights.sum(dim=-1, keepdim=True)
     ok = torch.isfinite(total) & (total > 0)
-    weights.div_(torch.where(ok, total, 1.0))
-    if not bool(ok.all()):
-        rows = ~ok.squeeze(-1)
-        weights[rows] = p[rows] / p[rows].sum(-1, keepdim=True)
-    return weights
+    return torch.where(ok, weights / total, p / p.sum(dim=-1, keepdim=True))
 
 
 def _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base):
@@ -107,9 +103,6 @@ def mix(
     """
     p, p_sum, q_star, q_sum, param_t, q_base = _prepare(p, q_star, rule, param, q_base)
     pi, _, _ = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, q_base)
-    # A distribution by construction (non-negative, rows summing to 1 up to rounding):
-    # ``speculative_verify(pi, ...)`` need not validate it again.
-    remember_probs(pi, torch.ones_like(p_sum))
     return pi
 
 
@@ -121,9 +114,8 @@ def mix_with_alpha(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pi, alpha)``: the mixture and the deferred mass per row ``[...]``, without the
     extra vocabulary passes of ``mixture_stats`` (what the serving hook needs)."""
+    check_two_model_rule(rule, "deferred mass")
     p, p_sum, q_star, q_sum, param_t, _ = _prepare(p, q_star, rule, param, None)
-    if rule == "implicit_reward":
-        raise ValueError("rule 'implicit_reward' has no deferred mass (it reweights p by q*/q)")
     pi, _, alpha = _mix_prepared(p, p_sum, q_star, q_sum, rule, param_t, None)
     return pi, alpha.squeeze(-1)
 
@@ -141,8 +133,7 @@ def mix_trusted(
     ``[..., 1]`` (or None). No validation and no host sync: the serving hook's path, which
     handles non-finite rows itself (row-wise math keeps a bad row from touching others).
     """
-    if rule == "implicit_reward":
-        raise ValueError("rule 'implicit_reward' has no deferred mass (it reweights p by q*/q)")
+    check_two_model_rule(rule, "deferred mass")
     pi, _, alpha = _mix_prepared(p, p_sum, q_star, q_sum, rule, param, None)
     return pi, alpha
 
@@ -154,8 +145,7 @@ def deferral(
     param: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean deferral vector ``d`` (True = token's ``p`` mass goes to ``q*``), ``[..., V]``."""
-    if rule == "implicit_reward":
-        raise ValueError("rule 'implicit_reward' has no deferral vector (it reweights p by q*/q)")
+    check_two_model_rule(rule, "deferral vector")
     p, p_sum, q_star, q_sum, param_t, _ = _prepare(p, q_star, rule, param, None)
     return deferral_from_probs(p, q_star, rule, param_t, p_sum, q_sum)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kad_kernels.mixture import mix, mixture_stats
-from kad_kernels.rules import RULE_SPECS
+from kad_kernels.rules import TWO_MODEL_RULES
 from kad_kernels.sampling import probs_from_logits, sample_rows
 from kad_kernels.speculative import speculative_verify
 
@@ -87,7 +87,7 @@ class ReferenceDecoder:
         top_k: int | None = None,
         eos_token_id: int | None = None,
     ) -> None:
-        if rule not in RULE_SPECS or rule == "implicit_reward":
+        if rule not in TWO_MODEL_RULES:
             raise ValueError(f"the reference decoder serves the two-model rules, not {rule!r}")
         self.target = _Cached(target_model.eval())
         self.draft = _Cached(draft_model.eval())

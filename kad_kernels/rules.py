@@ -7,22 +7,25 @@ batched over any leading dimensions, so one call serves every request and draft 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from kad_kernels.validation import check_param, check_rule
+from kad_kernels.validation import check_number, check_param, check_rule
 
 
 @dataclass(frozen=True)
 class RuleSpec:
-    """A rule's one scalar parameter: its name, the paper's default and its valid range."""
+    """A rule's one scalar parameter (its name, the paper's default and its valid range) and
+    whether it needs ``q_base``, a third model (the aligned model's base version q)."""
 
     name: str
     param: str | None = None
     default: float | None = None
     low: float = 0.0
     high: float = 1.0
+    needs_q_base: bool = False
 
 
 RULE_SPECS: dict[str, RuleSpec] = {
@@ -38,18 +41,37 @@ RULE_SPECS: dict[str, RuleSpec] = {
         RuleSpec("kad_zero_one"),
         RuleSpec("kad_primal", "budget", 0.9),
         RuleSpec("confidence_bet", "lam", 0.2),
-        RuleSpec("implicit_reward"),
+        RuleSpec("implicit_reward", needs_q_base=True),
     )
 }
 
 RULES: tuple[str, ...] = tuple(RULE_SPECS)
+# Rules of (p, q*) alone, with a deferral vector: what the two-model engine and the
+# reference decoder serve.
+TWO_MODEL_RULES: tuple[str, ...] = tuple(r for r, spec in RULE_SPECS.items() if not spec.needs_q_base)
+# Parameter names over all rules (the fields of the API's ``kad`` object).
+PARAM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(s.param for s in RULE_SPECS.values() if s.param))
+
+
+def unserved_reason(rule: str) -> str | None:
+    """Why a two-model server cannot serve the known ``rule`` (None when it can)."""
+    if RULE_SPECS[rule].needs_q_base:
+        return (f"rule {rule!r} needs a third model (the aligned model's base version q) "
+                "that this server does not load")
+    return None
+
+
+def check_two_model_rule(rule: str, what: str) -> None:
+    """ValueError if ``rule`` needs ``q_base`` (it has no deferral vector / deferred mass)."""
+    if rule in RULE_SPECS and RULE_SPECS[rule].needs_q_base:
+        raise ValueError(f"rule {rule!r} has no {what} (it reweights p by q*/q)")
+
 
 # Rows whose nucleus fits in this many top tokens skip the full vocabulary sort (kad_primal):
 # the first tier settles almost every row of a real model at little cost, the second the
-# flatter rows; only what is left pays a sort.
+# flatter rows; only what is left pays a sort (``kad-bench kernels`` times it against the
+# plain sort: about 20x faster on peaked rows, at most the cost of the tiers on flat ones).
 _PRIMAL_TOPK_TIERS = (16, 256)
-# Block width of the top-value prefilter (kad_primal); 151,936 = 1187 blocks of 128.
-_PRIMAL_BLOCK = 128
 # Relative tolerance on tail masses (kad_primal): below float32 resolution of a row sum.
 _TAIL_TOLERANCE = 1e-6
 
@@ -58,13 +80,15 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
     return x.amax(dim=-1, keepdim=True)
 
 
-def _primal_threshold(p: torch.Tensor, budget: torch.Tensor, p_sum: torch.Tensor) -> torch.Tensor:
+def _primal_threshold(p: torch.Tensor, budget: torch.Tensor, p_sum: torch.Tensor,
+                      tiers: tuple[int, ...] = _PRIMAL_TOPK_TIERS) -> torch.Tensor:
     """Row threshold deferring every token outside the top-k~ of ``p`` (ties with the k~-th
     token kept): the k~-th largest value, or +inf when k~ = 0.
 
     k~ is the smallest k whose tail mass (mass outside the top-k) is at most the budget,
     i.e. the kept set is the nucleus of mass ``1 - budget``. Most rows need only a few top
-    tokens, so the top values decide them and only the remaining rows pay a full sort.
+    tokens, so the top values decide them and only the remaining rows pay a full sort
+    (``tiers=()``: the plain full sort for every row, what ``kad-bench kernels`` compares).
     """
     vocab = p.shape[-1]
     flat = p.reshape(-1, vocab)
@@ -72,10 +96,10 @@ def _primal_threshold(p: torch.Tensor, budget: torch.Tensor, p_sum: torch.Tensor
     total = p_sum.to(torch.float64).reshape(-1, 1)
     threshold = torch.full_like(total, float("nan"), dtype=flat.dtype)
     rows = torch.arange(flat.shape[0], device=flat.device)
-    for k in (*_PRIMAL_TOPK_TIERS, vocab):
+    for k in (*tiers, vocab):
         k = min(k, vocab)
         candidates = flat if rows.numel() == flat.shape[0] else flat[rows]
-        top = (_top_values(candidates, k) if k < vocab
+        top = (candidates.topk(k, dim=-1).values if k < vocab
                else candidates.sort(dim=-1, descending=True).values)
         found = _critical_value(top, total[rows], allowed_tail[rows])
         threshold[rows] = found
@@ -84,27 +108,6 @@ def _primal_threshold(p: torch.Tensor, budget: torch.Tensor, p_sum: torch.Tensor
             break
         rows = rows[unresolved]
     return threshold.reshape(*p.shape[:-1], 1)
-
-
-def _top_values(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest values of each row of ``[N, V]``, in decreasing order.
-
-    ``topk`` over 150k entries costs as much as a softmax, so long rows are prefiltered:
-    the k largest values all lie in the k blocks with the largest block maxima (an entry
-    outside them is at most the k-th block maximum, itself one of k entries at least as
-    large), so one ``amax`` pass and a ``topk`` over k blocks give the same values.
-    """
-    n, vocab = rows.shape
-    blocks = vocab // _PRIMAL_BLOCK
-    if blocks < 4 * k:
-        return rows.topk(k, dim=-1).values
-    full = blocks * _PRIMAL_BLOCK
-    body = rows[:, :full].reshape(n, blocks, _PRIMAL_BLOCK)
-    best = body.amax(dim=-1).topk(k, dim=-1).indices
-    candidates = body.gather(1, best.unsqueeze(-1).expand(n, k, _PRIMAL_BLOCK)).reshape(n, -1)
-    if full < vocab:  # the ragged last block is always a candidate
-        candidates = torch.cat([candidates, rows[:, full:]], dim=-1)
-    return candidates.topk(k, dim=-1).values
 
 
 def _critical_value(
@@ -171,14 +174,35 @@ def deferral_from_probs(
     return p < row_threshold(p, q_star, rule, param, p_sum, q_sum)
 
 
+def check_rule_param(rule: str, param: object) -> RuleSpec:
+    """Check that ``rule`` is known and ``param`` is given exactly when the rule takes one."""
+    spec = RULE_SPECS[check_rule(rule, RULES)]
+    if spec.param is None and param is not None:
+        raise ValueError(f"rule {rule!r} takes no parameter, got {param!r}")
+    if spec.param is not None and param is None:
+        raise ValueError(f"rule {rule!r} needs its parameter {spec.param!r}")
+    return spec
+
+
 def resolve_param(rule: str, param: float | torch.Tensor | None, lead_shape: torch.Size,
                   device: torch.device) -> torch.Tensor | None:
     """Check ``rule``/``param`` and return the parameter as float32 ``[..., 1]`` (or None)."""
-    spec = RULE_SPECS[check_rule(rule, RULES)]
+    spec = check_rule_param(rule, param)
     if spec.param is None:
-        if param is not None:
-            raise ValueError(f"rule {rule!r} takes no parameter, got {param!r}")
         return None
-    if param is None:
-        raise ValueError(f"rule {rule!r} needs its parameter {spec.param!r}")
     return check_param(param, spec.param, spec.low, spec.high, lead_shape, device)
+
+
+def check_named_param(rule: str, given: Mapping[str, float]) -> float | None:
+    """Check ``rule`` with its parameter given by name (``{"lam": 0.4}``, the API's form);
+    return the parameter's value (None for a parameterless rule)."""
+    spec = RULE_SPECS[check_rule(rule, RULES)]
+    foreign = sorted(set(given) - {spec.param})
+    if foreign:
+        takes = f"takes {spec.param!r}" if spec.param else "takes no parameter"
+        raise ValueError(f"rule {rule!r} {takes}, got {', '.join(map(repr, foreign))}")
+    value = given.get(spec.param) if spec.param else None
+    check_rule_param(rule, value)
+    if value is not None:
+        check_number(value, spec.param, spec.low, spec.high)
+    return value

@@ -41,22 +41,6 @@ def _check_shapes(pi: torch.Tensor, q_star: torch.Tensor, draft_tokens: torch.Te
     return pi.shape[1] == gamma + 1
 
 
-def _pick_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``x[b, pos[b]]`` for ``x`` ``[B, S, V]``: a copy of one row per batch entry, ``[B, V]``.
-
-    Advanced indexing with two index tensors runs several times slower on CPU than an
-    ``index_select`` of whole rows, so when the rows of ``x`` are evenly spaced in memory
-    (contiguous ``x``, or a ``[:, :G]`` slice of it) they are viewed as one ``[N, V]`` matrix.
-    """
-    batch, rows, vocab = x.shape
-    s0, s1, s2 = x.stride()
-    if s2 == 1 and s1 >= vocab and s0 % s1 == 0 and batch > 0:
-        step = s0 // s1
-        flat = x.as_strided(((batch - 1) * step + rows, vocab), (s1, 1))
-        return flat.index_select(0, torch.arange(batch, device=x.device) * step + pos)
-    return x[torch.arange(batch, device=x.device), pos]
-
-
 def speculative_verify(
     pi: torch.Tensor,
     q_star: torch.Tensor,
@@ -67,8 +51,7 @@ def speculative_verify(
     """Verify drafts against ``pi``; return ``(tokens [B, G+1] padded with -1, num_emitted [B])``.
 
     ``q_star`` may carry the drafter's distribution at the bonus position too (``[B, G+1, V]``,
-    the tensor ``mix`` was given): it is not used, and passing the same tensor lets its
-    validation be reused. ``greedy`` (a bool or a bool tensor ``[B]``) selects
+    the tensor ``mix`` was given): it is not used. ``greedy`` (a bool or a bool tensor ``[B]``) selects
     temperature-0 rows: a draft is accepted iff it equals the argmax of ``pi`` and the
     emitted correction is that argmax.
     """
@@ -99,14 +82,14 @@ def speculative_verify(
     # One emitted token per row: residual at the first rejection, else the bonus from pi.
     emits = any_rejected | has_bonus
     pos = num_accepted.clamp(max=pi.shape[1] - 1)
-    pi_row = _pick_rows(pi, pos)  # unnormalised: sample_rows needs no normalisation
+    pi_row = pi[arange_b, pos]  # unnormalised: sample_rows needs no normalisation
     pi_row_sum = pi_sum[arange_b, pos]
     if gamma:
         # pi_sum * residual = max(0, pi_row - pi_sum * q*/q_sum) at rejected rows and
         # pi_row itself at the others: q* enters with weight 1 or 0, in one row buffer.
         q_pos = num_accepted.clamp(max=gamma - 1)
         weight = any_rejected.unsqueeze(-1) * pi_row_sum / q_sum[arange_b, q_pos]
-        dist = _pick_rows(q_star, q_pos).mul_(-weight).add_(pi_row).clamp_(min=0.0)
+        dist = q_star[arange_b, q_pos].mul_(-weight).add_(pi_row).clamp_(min=0.0)
         # Residual mass below rounding (pi == q*): draw from pi instead.
         flat = dist.sum(dim=-1, keepdim=True) <= _ZERO_RESIDUAL * pi_row_sum
         if bool(flat.any()):

@@ -10,9 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
-from kad_kernels.rules import RULE_SPECS, RULES
-
-PARAM_NAMES = ("lam", "mu", "budget")
+from kad_kernels.rules import PARAM_NAMES, RULE_SPECS, check_named_param
 
 
 class AlignmentSettings(BaseModel):
@@ -28,24 +26,8 @@ class AlignmentSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AlignmentSettings:
-        if self.rule not in RULE_SPECS:
-            raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
-        spec = RULE_SPECS[self.rule]
         given = {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
-        foreign = sorted(set(given) - {spec.param})
-        if foreign:
-            takes = f"takes {spec.param!r}" if spec.param else "takes no parameter"
-            raise ValueError(f"rule {self.rule!r} {takes}, got {', '.join(map(repr, foreign))}")
-        if spec.param is None:
-            return self
-        if spec.param not in given:
-            raise ValueError(f"rule {self.rule!r} needs its parameter {spec.param!r}")
-        value = given[spec.param]
-        if not spec.low <= value <= spec.high:
-            raise ValueError(
-                f"parameter {spec.param!r} of rule {self.rule!r} must lie in "
-                f"[{spec.low}, {spec.high}], got {value}"
-            )
+        check_named_param(self.rule, given)  # the kernels' own check: names, ranges, messages
         return self
 
     @property

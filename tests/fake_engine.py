@@ -14,6 +14,7 @@ import functools
 import random
 from collections import defaultdict
 
+from kad_kernels.rules import unserved_reason
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -75,8 +76,8 @@ class FakeEngine:
     def generate(self, request_id, prompt_token_ids, sampling, alignment):
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
-        if alignment.rule == "implicit_reward":
-            raise ValueError("rule 'implicit_reward' needs a third model")
+        if unserved_reason(alignment.rule):  # as the vLLM engine: a 400 for this request
+            raise ValueError(unserved_reason(alignment.rule))
         self.seen.append((request_id, list(prompt_token_ids), sampling, alignment))
         return self._generate(request_id, prompt_token_ids, sampling, alignment)
 

@@ -17,7 +17,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from kad_kernels import mixture_stats
-from kad_kernels.rules import RULES
+from kad_kernels.rules import TWO_MODEL_RULES
 from server.alignment import AlignmentSettings
 from server.engine.interface import SamplingOptions
 from server.engine.vllm_engine import UnsupportedAlignmentError
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 PROMPT_TEXT = "Question: what is two plus two?\nAnswer:"
 SAMPLES = 2000
-# Rules the two-model engine serves (implicit_reward needs a third model).
-ENGINE_RULES = [rule for rule in RULES if rule != "implicit_reward"]
+# Rules the two-model engine serves (kad_kernels.rules: not those needing a third model).
+ENGINE_RULES = list(TWO_MODEL_RULES)
 
 
 def pooled_chi_square_pvalue(counts: Counter, probs: torch.Tensor, total: int) -> float:

@@ -6,7 +6,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kad_kernels import deferral, mix, mix_with_alpha, speculative_verify
+from kad_kernels import (
+    RULE_SPECS,
+    RULES,
+    TWO_MODEL_RULES,
+    deferral,
+    mix,
+    mix_with_alpha,
+    speculative_verify,
+)
+from kad_kernels.rules import PARAM_NAMES
 from server.alignment import AlignmentSettings
 
 P = torch.tensor([[0.5, 0.3, 0.2]])
@@ -88,6 +97,22 @@ def test_alignment_settings_errors(settings, message):
     assert message.lower() in str(error.value).lower()
 
 
+def test_rule_specs_are_the_one_definition_of_rules_and_what_is_served():
+    """The API's parameter fields, the engines' refusals and the reference decoder's rules
+    all follow ``RULE_SPECS``."""
+    from kad_kernels.reference import ReferenceDecoder
+    from server.engine.vllm_engine import UNSUPPORTED_RULES
+
+    assert set(AlignmentSettings.model_fields) == {"rule", *PARAM_NAMES}
+    assert set(UNSUPPORTED_RULES) == {"implicit_reward"} == set(RULES) - set(TWO_MODEL_RULES)
+    assert "third model" in UNSUPPORTED_RULES["implicit_reward"]
+    for rule in UNSUPPORTED_RULES:
+        with pytest.raises(ValueError, match="two-model rules"):
+            ReferenceDecoder(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), rule)
+    for name, spec in RULE_SPECS.items():  # every default passes the API's own check
+        assert AlignmentSettings.paper_default(name).param == spec.default
+
+
 def test_alignment_settings_round_trip():
     settings = AlignmentSettings(rule="kad_primal", budget=0.6)
     assert settings.param == 0.6
@@ -95,12 +120,12 @@ def test_alignment_settings_round_trip():
     assert AlignmentSettings.paper_default("kad_dual") == AlignmentSettings(rule="kad_dual", lam=0.4)
 
 
-def test_validation_is_reused_only_for_the_same_unchanged_tensor():
-    """The validation cache must never let a changed tensor through: writes in place (also
-    through a view) and new tensors at a reused address are checked again."""
+def test_every_call_validates_its_inputs():
+    """A tensor validated once is checked again after writes in place (also through a
+    view), and new tensors at a reused address are checked too."""
     q = torch.softmax(torch.randn(2, 3, 50), dim=-1)
     p = torch.softmax(torch.randn(2, 3, 50), dim=-1)
-    mix(p, q, "kad_dual", 0.4)  # validates q (and caches its row sums)
+    mix(p, q, "kad_dual", 0.4)
     q[0, 0, 7] = -1.0
     with pytest.raises(ValueError, match="negative"):
         mix(p, q, "kad_dual", 0.4)
@@ -131,8 +156,8 @@ def test_verification_ignores_q_star_at_the_bonus_position():
 
 
 def test_kernels_run_on_inference_mode_tensors():
-    """vLLM samples under torch.inference_mode: its tensors have no version counter, so the
-    validation cache must leave them alone (and still validate them every time)."""
+    """vLLM samples under torch.inference_mode: its tensors (no version counter) work and
+    are validated every time."""
     with torch.inference_mode():
         p = torch.softmax(torch.randn(2, 4, 30), dim=-1)
         q = torch.softmax(torch.randn(2, 4, 30), dim=-1)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from kad_kernels import mix
 from kad_kernels.tiny_models import MARKER, build_tiny_pair
 
 PROMPT = "Question: what is two plus two?\nAnswer:"
@@ -45,12 +44,33 @@ def test_tiny_pair_is_deterministic_cached_and_loadable(tiny_pair, tmp_path):
 
 
 def test_next_distributions_are_the_mixture(reference_factory, prompt_ids):
-    p, q, pi = reference_factory("kad_dual", 0.4).next_distributions(prompt_ids)
-    torch.testing.assert_close(pi, mix(p, q, "kad_dual", 0.4))
-    assert float(pi.sum()) == pytest.approx(1.0, abs=1e-5)
-    torch.testing.assert_close(reference_factory("base").next_distributions(prompt_ids)[2], p)
-    torch.testing.assert_close(reference_factory("aligned").next_distributions(prompt_ids)[2], q)
-    assert 0.5 * float((p - q).abs().sum()) > 0.3  # the two models really differ
+    """``(p, q*, pi)`` against an independent computation: each model's softmax at the last
+    position (float64), and pi by a literal loop over the vocabulary, the rule of DESIGN.md
+    for kad_dual: d_v = [p_v < lam], alpha = sum_v p_v d_v, pi_v = p_v (1 - d_v) + alpha q*_v.
+    ``lam`` lies between the 2nd and 3rd largest p, so the rule keeps two tokens and defers
+    the rest: neither p nor q* passes for pi."""
+    target, draft = reference_factory("base").target.model, reference_factory("base").draft.model
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        p_ref = target(input_ids=ids).logits[0, -1].double().softmax(-1)
+        q_ref = draft(input_ids=ids).logits[0, -1].double().softmax(-1)
+    assert 0.5 * float((p_ref - q_ref).abs().sum()) > 0.3  # the two models really differ
+    top = p_ref.topk(3).values.tolist()
+    lam = (top[1] + top[2]) / 2
+    p_list, q_list = p_ref.tolist(), q_ref.tolist()
+    deferred = [p_v < lam for p_v in p_list]
+    alpha = sum(p_v for p_v, d_v in zip(p_list, deferred) if d_v)
+    expected = [p_v * (1 - d_v) + alpha * q_v for p_v, d_v, q_v in zip(p_list, deferred, q_list)]
+    assert deferred.count(False) == 2 and 0.05 < alpha < 0.95
+
+    p, q, pi = reference_factory("kad_dual", lam).next_distributions(prompt_ids)
+    torch.testing.assert_close(p.double(), p_ref, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(q.double(), q_ref, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(pi.double(), torch.tensor(expected, dtype=torch.float64),
+                               atol=1e-6, rtol=1e-4)
+    for rule, reference in (("base", p_ref), ("aligned", q_ref)):
+        pi = reference_factory(rule).next_distributions(prompt_ids)[2]
+        torch.testing.assert_close(pi.double(), reference, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("rule", "param"), [("kad_dual", 0.4), ("kad_primal", 0.9)])

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kad_kernels import RULES, deferral, mix, mixture_stats
+from kad_kernels import RULES, TWO_MODEL_RULES, deferral, mix, mixture_stats
 from kad_kernels.rules import RULE_SPECS
 
-DEFERRAL_RULES = [rule for rule in RULES if rule != "implicit_reward"]
+DEFERRAL_RULES = list(TWO_MODEL_RULES)
 
 
 def literal_deferral(p: list[float], q: list[float], rule: str, param: float | None) -> list[bool]:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+from kad_kernels.rules import RULES, TWO_MODEL_RULES, unserved_reason
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
 from server.engine import process_guard
@@ -38,10 +39,7 @@ _STATS_WAIT_S = 5.0
 
 
 # Rules the kernels know but this two-model engine cannot serve, with the reason.
-UNSUPPORTED_RULES = {
-    "implicit_reward": "rule 'implicit_reward' needs a third model (the aligned model's base "
-    "version q) that this server does not load",
-}
+UNSUPPORTED_RULES = {rule: unserved_reason(rule) for rule in RULES if rule not in TWO_MODEL_RULES}
 
 
 class UnsupportedAlignmentError(ValueError):
@@ -309,8 +307,7 @@ class VllmEngine:
         temperature = 1.0 if greedy and mixes else sampling.temperature
         kad = {
             "id": request_id,
-            "rule": alignment.rule,
-            "param": alignment.param,
+            **alignment.as_extra_args(),
             "greedy": greedy and mixes,
             "first_token": prompt[-1] if withhold else None,
         }
