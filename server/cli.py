@@ -16,7 +16,6 @@ orchestrator's restart policy then restarts the server. Status 2: a bad config.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -171,8 +170,4 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"kad-serve: {exc}", file=sys.stderr)
         return 2
-    status = run(config, log_level=args.log_level)
-    # Everything is shut down: skip the interpreter's final garbage collection of the
-    # torch/vLLM heap (seconds on a busy machine) so that the exit is prompt (as vLLM does).
-    gc.freeze()
-    return status
+    return run(config, log_level=args.log_level)
