@@ -279,7 +279,7 @@ def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path)
         # full suite on a loaded machine it was seen not yet admitted; the streams are the
         # in-flight requests this test is about).
         try:
-            wait_until(lambda: _running(url) >= 5, 30)
+            wait_until(lambda: _running(url) >= 5, 3)
             plain_in_flight = True
         except AssertionError:
             plain_in_flight = False
