@@ -144,8 +144,8 @@ def mix_rows(
 
 def _params(rows: list[RowAlignment | None], owners: np.ndarray,
             device: torch.device) -> torch.Tensor | None:
-    values = [rows[o].param for o in owners[:1]]
-    if not values or values[0] is None:
+    """Per-token parameters ``[n, 1]`` of one rule group (a rule takes one or none)."""
+    if len(owners) == 0 or rows[owners[0]].param is None:
         return None
     per_row = np.array([np.nan if r is None or r.param is None else r.param for r in rows],
                        dtype=np.float32)

