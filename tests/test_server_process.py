@@ -253,8 +253,6 @@ def test_sigterm_to_the_process_group_drains_16_streams_and_exits_zero(server):
 def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path):
     """kill -9 of vLLM's engine core: in-flight requests get an error instead of hanging,
     the server exits 1 within seconds (an orchestrator restarts it), nothing is left."""
-    # The longest context the tiny pair allows, so that the requests are surely still
-    # running when the engine core is killed, even on a fast, idle machine.
     server = _launch(tiny_pair, tmp_path, max_model_len=2000)
     try:
         _wait_ready(server)
@@ -264,7 +262,13 @@ def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path)
         for worker in workers:
             worker.start()
         wait_until(lambda: all(out.get("started") for out in streams), 120,
-               "streams did not start")
+                   "streams did not start")
+        # Freeze the engine core (SIGSTOP) the moment the streams run: on an idle machine
+        # the tiny pair writes 1950 tokens in about a second, and a frozen core keeps every
+        # request in flight however slow or fast the machine is, until the kill below.
+        engine = _descendants(server["process"].pid)
+        (core,) = [p for p in engine if "EngineCor" in p.name()]
+        core.suspend()
         plain = {}
 
         def complete():
@@ -275,17 +279,8 @@ def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path)
 
         workers.append(threading.Thread(target=complete))
         workers[-1].start()
-        # The non-streaming request is checked when it is in flight at the kill (in the
-        # full suite on a loaded machine it was seen not yet admitted; the streams are the
-        # in-flight requests this test is about).
-        try:
-            wait_until(lambda: _running(url) >= 5, 3)
-            plain_in_flight = True
-        except AssertionError:
-            plain_in_flight = False
-        assert all(not out.get("finished") for out in streams), streams
-        engine = _descendants(server["process"].pid)
-        (core,) = [p for p in engine if "EngineCor" in p.name()]
+        wait_until(lambda: _running(url) >= 5, 30, "the fifth request was not admitted")
+        assert not any(out.get("finished") for out in streams), streams
         core.kill()
         killed = time.monotonic()
         status = server["process"].wait(timeout=120)
@@ -298,12 +293,11 @@ def test_killing_the_engine_core_fails_requests_and_exits_1(tiny_pair, tmp_path)
         for out in streams:
             assert out["finished"] and out["done"] and out["reasons"] == [], out
             assert out["errors"][0]["type"] == "internal_server_error", out
-        if plain_in_flight:
-            assert plain["status"] == 500, plain
-            assert set(plain["body"]["error"]) == {"message", "type", "param", "code"}
+        assert plain["status"] == 500, plain
+        assert set(plain["body"]["error"]) == {"message", "type", "param", "code"}
         assert log.count("the engine died") == 1, log[-3000:]
         wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                               for p in engine), 30, "engine processes left behind")
+                                   for p in engine), 30, "engine processes left behind")
     finally:
         _stop(server)
 
