@@ -1,4 +1,5 @@
-"""The FastAPI application: OpenAI endpoints, health, metrics, auth and admission control.
+"""The FastAPI application: OpenAI endpoints, health, metrics, auth and admission control
+(and vLLM's tokenizer endpoints, from ``server.tokenizer_endpoints``).
 
 The engine starts in the background when the app starts, so ``/health`` answers (503)
 while models load; generation endpoints answer 503 until the engine is ready, after it
@@ -27,8 +28,10 @@ from server.engine import Engine, build_engine
 from server.errors import APIError, error_response, install_error_handlers
 from server.limits import BodyLimitMiddleware
 from server.metrics import MetricsMiddleware, ServerMetrics
-from server.prompts import encode_chat, encode_text, render_chat, surely_too_long
+from server.prompts import encode_chat, encode_text, render_messages, surely_too_long
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.tokenizer_endpoints import ROUTES as TOKENIZER_ROUTES
+from server.tokenizer_endpoints import add_tokenizer_routes
 
 logger = logging.getLogger(__name__)
 
@@ -263,10 +266,12 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
         return await run_job(body, [prompt], "chat.completion", "/v1/chat/completions",
                              request)
 
+    add_tokenizer_routes(app, engine, authorize, check_model)
     return app
 
 
-_ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+_ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+           *TOKENIZER_ROUTES}
 
 
 def _over_context(engine: Engine, chars: int, param: str) -> APIError | None:
@@ -282,13 +287,7 @@ def _over_context(engine: Engine, chars: int, param: str) -> APIError | None:
 def _chat_prompt(body: ChatCompletionRequest, engine: Engine) -> list[int]:
     """The aligned model's chat template; the base model sees the same token ids. Message
     content is text: special-token strings in it do not become control tokens."""
-    try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        chat = render_chat(engine.tokenizer, messages)
-    except ValueError as exc:
-        raise APIError(400, str(exc), "messages") from exc
-    except Exception as exc:  # template errors are the request's fault
-        raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
+    chat = render_messages(engine.tokenizer, body.messages)
     error = _over_context(engine, chat.chars, "messages")
     if error is not None:
         raise error

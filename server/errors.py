@@ -90,6 +90,8 @@ def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
         return ("request body must be a JSON object (send Content-Type: application/json)",
                 None)
     if error.get("type") == "missing":
+        if not field:  # no body, or JSON null
+            return "request body is required: a JSON object", None
         return f"field '{field}' is required", field
     if error.get("type") == "extra_forbidden":
         return f"unknown field '{field}'", field

@@ -23,7 +23,9 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from server.errors import APIError
 
 # Characters one token can stand for, at most, is the longest vocabulary entry; this factor
 # covers normalizers that shrink text (NFC composes up to three code points into one).
@@ -101,15 +103,18 @@ class ChatText:
     replaced: tuple[str, ...] = ()
 
 
-def render_chat(tokenizer, messages: Sequence[dict[str, str]]) -> ChatText:
-    """The chat template applied to ``messages`` (with the generation prompt), each
-    special-token string in their content replaced by a sentinel. Template errors propagate
-    (the caller makes them a 400)."""
+def render_chat(tokenizer, messages: Sequence[dict[str, str]], *,
+                add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> ChatText:
+    """The chat template applied to ``messages`` (by default with the generation prompt, as
+    the chat endpoint sends it), each special-token string in their content replaced by a
+    sentinel. Template errors propagate (the caller makes them a 400)."""
     facts = _tokenizer_facts(tokenizer)
+    options = {"add_generation_prompt": add_generation_prompt,
+               "continue_final_message": continue_final_message, "tokenize": False}
     if facts.specials is None or not any(facts.specials.search(m["content"])
                                          for m in messages):
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(list(messages), **options)
         return ChatText(text, len(text))
     nonce = uuid.uuid4().hex
     while any(nonce in m["content"] for m in messages):
@@ -123,7 +128,7 @@ def render_chat(tokenizer, messages: Sequence[dict[str, str]]) -> ChatText:
 
     messages = [{**m, "content": facts.specials.sub(sentinel, m["content"])}
                 for m in messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, **options)
     pattern = f"kadspecial{nonce}n(\\d+)x"
     chars = len(re.sub(pattern, lambda m: replaced[int(m.group(1))], text))
     return ChatText(text, chars, pattern, tuple(replaced))
@@ -142,3 +147,21 @@ def encode_chat(tokenizer, chat: ChatText) -> list[int]:
         elif piece:
             ids += tokenizer.encode(piece, add_special_tokens=False)
     return ids
+
+
+class _Message(Protocol):
+    role: str
+
+    def text(self) -> str: ...
+
+
+def render_messages(tokenizer, messages: Sequence[_Message], **options: bool) -> ChatText:
+    """``render_chat`` for a request's messages, shared by the chat and tokenize endpoints
+    so both see the same prompt; a template failure is the request's fault (a 400)."""
+    try:
+        chat = [{"role": m.role, "content": m.text()} for m in messages]
+        return render_chat(tokenizer, chat, **options)
+    except ValueError as exc:
+        raise APIError(400, str(exc), "messages") from exc
+    except Exception as exc:
+        raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc

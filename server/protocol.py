@@ -23,6 +23,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -209,3 +210,74 @@ class CompletionRequest(_Common):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+# --- tokenizer endpoints (vLLM's /tokenize, /detokenize) ------------------------------------
+# vLLM's chat-tokenize fields with no counterpart in this server's chat endpoint: a count
+# made with them would not be what /v1/chat/completions sends, so they are refused.
+TOKENIZE_CHAT_UNSUPPORTED = ("tools", "chat_template", "chat_template_kwargs",
+                             "media_io_kwargs", "mm_processor_kwargs")
+
+
+class _TokenizerRequest(BaseModel):
+    """Fields of every tokenizer request; ``model`` is optional, as in vLLM."""
+
+    model_config = ConfigDict(extra="allow")
+    model: StrictStr | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str | None) -> str | None:
+        return value if value is None else _valid_unicode(value)
+
+
+class TokenizeCompletionRequest(_TokenizerRequest):
+    """``POST /tokenize`` with a text prompt (vLLM's shape and defaults)."""
+
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool | None = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str) -> str:
+        return _valid_unicode(value)
+
+
+class TokenizeChatRequest(_TokenizerRequest):
+    """``POST /tokenize`` with chat messages (vLLM's shape and defaults)."""
+
+    messages: Messages
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool | None = False
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_ending(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError("cannot be true while 'add_generation_prompt' is true (its "
+                             "default): set 'add_generation_prompt' to false")
+        return value
+
+    def reject_unsupported(self) -> None:
+        """400 naming the first vLLM field this server's chat rendering does not implement."""
+        extra = self.model_extra or {}
+        for name in TOKENIZE_CHAT_UNSUPPORTED:
+            if extra.get(name) not in (None, [], {}):
+                raise APIError(400, f"field '{name}' is not supported by this server", name,
+                               "unsupported_field")
+
+
+def tokenize_request(body: dict[str, Any]) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """The form a ``/tokenize`` body is in: chat when it has ``messages`` (vLLM tells them
+    apart the same way); pydantic's ValidationError for a bad body."""
+    model = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+    return model.model_validate(body)
+
+
+class DetokenizeRequest(_TokenizerRequest):
+    """``POST /detokenize``: token ids back to text (the vocabulary bound is the app's)."""
+
+    tokens: _list(Annotated[StrictInt, Field(ge=0)])
