@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from server.alignment import AlignmentSettings
-from server.engine.interface import Engine, RequestStats, SamplingOptions
+from server.engine.interface import Engine, RequestStats, SamplingOptions, TokenLogprob
 
 T = TypeVar("T")
 
@@ -29,6 +29,7 @@ class Completion:
     stats: RequestStats | None
     first_token_s: float | None = None  # seconds from submission to the first token
     total_s: float = 0.0
+    logprobs: list[TokenLogprob] | None = None  # when the sampling options asked for them
 
 
 class LoopThread:
@@ -79,6 +80,7 @@ class BackgroundEngine(LoopThread):
         text = ""
         first = None
         last = None
+        logprobs: list[TokenLogprob] | None = None if sampling.logprobs is None else []
         async for chunk in self.engine.generate(
             request_id or self._next_id("bg"), prompt, sampling, alignment
         ):
@@ -86,12 +88,14 @@ class BackgroundEngine(LoopThread):
                 first = loop.time() - started
             ids += chunk.token_ids
             text += chunk.text
+            if logprobs is not None:
+                logprobs += chunk.logprobs or []
             last = chunk
         return Completion(
             token_ids=ids, text=text,
             finish_reason=None if last is None else last.finish_reason,
             stats=None if last is None else last.stats,
-            first_token_s=first, total_s=loop.time() - started,
+            first_token_s=first, total_s=loop.time() - started, logprobs=logprobs,
         )
 
     def complete_many(

@@ -37,6 +37,19 @@ def reference_factory(tiny_pair):
     return make
 
 
+@pytest.fixture(scope="session")
+def production_engine(tiny_pair):
+    """The engine at the shipped gamma 5 (multiprocess engine core), shared by tests."""
+    from bench.background import BackgroundEngine
+    from server.engine import build_engine
+
+    engine = BackgroundEngine(build_engine(tiny_serve_config(
+        tiny_pair, num_speculative_tokens=5)))
+    engine.start(timeout=600)
+    yield engine
+    engine.close()
+
+
 def tiny_serve_config(pair: TinyPair, **engine):
     """A ServeConfig for the tiny pair (float32, small KV cache) with engine overrides."""
     from server.config import ServeConfig

@@ -25,20 +25,6 @@ SAMPLING = {"temperature": 0.7, "top_k": 40, "top_p": 0.9}
 MIXED_RULES = ("kad_dual", "aligned", "nudging", "confidence_bet")
 
 
-@pytest.fixture(scope="module")
-def production_engine(tiny_pair):
-    from conftest import tiny_serve_config
-
-    from bench.background import BackgroundEngine
-    from server.engine import build_engine
-
-    engine = BackgroundEngine(build_engine(tiny_serve_config(
-        tiny_pair, num_speculative_tokens=GAMMA)))
-    engine.start(timeout=600)
-    yield engine
-    engine.close()
-
-
 def test_mixed_rules_at_gamma_5_with_temperature_top_k_top_p(production_engine,
                                                              reference_factory):
     """Each request of one interleaved batch follows its own rule's pi (first and second

@@ -77,6 +77,18 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Logprobs of each generated token under pi (unscaled), with this many top
+    # alternatives (0: the token's own only); None: no logprobs.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log pi and its most likely alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -89,6 +101,7 @@ class GenerationChunk:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stats: RequestStats | None = None
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 class Engine(Protocol):
@@ -133,4 +146,4 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
 
-__all__ = ["Engine", "GenerationChunk", "RequestStats", "SamplingOptions"]
+__all__ = ["Engine", "GenerationChunk", "RequestStats", "SamplingOptions", "TokenLogprob"]

@@ -48,6 +48,7 @@ class RowAlignment:
     param: float | None = None
     greedy: bool = False  # temperature 0 requested: follow argmax(pi), sent as temperature 1
     first_token: int | None = None  # the withheld last prompt token, forced as output 0
+    logprobs: int | None = None  # top alternatives asked for (0: the token's own only)
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RowAlignment | None:
@@ -60,6 +61,7 @@ class RowAlignment:
             param=settings.get("param"),
             greedy=bool(settings.get("greedy", False)),
             first_token=settings.get("first_token"),
+            logprobs=settings.get("logprobs"),
         )
 
     @property
@@ -85,6 +87,10 @@ class StepState:
     # Zero-draft rows the hook sampled from pi itself (``resample_plain_rows``).
     resampled_rows: set[int] = field(default_factory=set)
     plain_degraded: torch.Tensor | None = None  # [num_reqs] bool, same meaning as degraded
+    # The q* vLLM verified this step's drafts against ([num_tokens, V], request-major), and
+    # the q* each resampled zero-draft row was drawn with: what logprobs under pi need.
+    draft_probs: torch.Tensor | None = None
+    plain_q: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -276,7 +282,53 @@ def resample_plain_rows(
     batch_index = torch.as_tensor(batch_rows, device=sampled.device)
     sampled[batch_index, 0] = tokens.to(sampled.dtype)
     state.resampled_rows.update(batch_rows)
+    state.plain_q.update(zip(batch_rows, q_star.unbind(0)))
     state.plain_degraded = degraded
+
+
+def unscaled_log_pi(
+    target_logits: torch.Tensor,
+    q_star: torch.Tensor,
+    temperature: torch.Tensor,
+    rules: list[str],
+    params: torch.Tensor,
+) -> torch.Tensor:
+    """``log pi`` ``[n, V]`` built from the *unscaled* distributions (temperature 1, no
+    top-k/top-p), whatever the request samples with: what logprobs report, as vLLM's
+    default ``raw_logprobs`` mode reports log p.
+
+    ``target_logits`` are the target's raw logits, ``q_star`` the draft's distribution at
+    the request's ``temperature`` T (vLLM's drafter divides by T): ``q = q_T ** T``
+    renormalised recovers the unscaled q* exactly (tokens whose q_T underflowed to 0 keep
+    q = 0, below 1e-30 of mass). ``rules[i]``/``params[i]`` are row i's rule and parameter
+    (NaN: none). A row with non-finite inputs gets ``log p``.
+    """
+    logits = target_logits.float().clone()
+    log_q = q_star.float().log().mul_(temperature.float().unsqueeze(-1))
+    q = log_q.sub_(log_q.amax(dim=-1, keepdim=True)).exp_()
+    out = torch.empty_like(logits)
+    rule_of = np.array(rules, dtype=object)
+    for rule in sorted(set(rules)):
+        group = np.nonzero(rule_of == rule)[0]
+        index = torch.from_numpy(group).to(logits.device)
+        param = params.index_select(0, index).unsqueeze(-1)
+        log_pi, _, _ = mix_rows(logits.index_select(0, index), q.index_select(0, index),
+                                rule, None if torch.isnan(param).all() else param, None)
+        out.index_copy_(0, index, log_pi)
+    return out.log_softmax(dim=-1)
+
+
+def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int,
+                    token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids [n, k+1], logprobs [n, k+1], ranks [n])``: column 0 the token's own, then the
+    top ``k``; the rank counts the tokens at least as likely (vLLM's ``gather_logprobs``)."""
+    token_ids = token_ids.long().unsqueeze(-1)
+    own = logprobs.gather(-1, token_ids)
+    ranks = (logprobs >= own).sum(dim=-1)
+    if num_logprobs > 0:
+        top, top_ids = torch.topk(logprobs, num_logprobs, dim=-1)
+        return torch.cat([token_ids, top_ids], dim=1), torch.cat([own, top], dim=1), ranks
+    return token_ids, own, ranks
 
 
 def finalize_step(

@@ -25,7 +25,12 @@ from server.config import ServeConfig
 from server.engine import process_guard
 from server.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from server.engine.hook_settings import HookSettings
-from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions
+from server.engine.interface import (
+    GenerationChunk,
+    RequestStats,
+    SamplingOptions,
+    TokenLogprob,
+)
 from server.engine.preflight import PreflightResult, run_preflight
 from server.engine.stats_channel import StatsReceiver
 from server.engine.verification_hook import EXTRA_ARGS_KEY, RowStepStats
@@ -310,6 +315,7 @@ class VllmEngine:
             **alignment.as_extra_args(),
             "greedy": greedy and mixes,
             "first_token": prompt[-1] if withhold else None,
+            "logprobs": sampling.logprobs,
         }
         return SamplingParams(
             n=1,
@@ -319,6 +325,7 @@ class VllmEngine:
             seed=sampling.seed,
             max_tokens=sampling.max_tokens + int(withhold),
             ignore_eos=sampling.ignore_eos,
+            logprobs=sampling.logprobs,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_ARGS_KEY: kad},
@@ -356,9 +363,12 @@ class VllmEngine:
             async for output in stream:
                 completion = output.outputs[0]
                 new_ids = list(completion.token_ids)
+                positions = completion.logprobs
                 if to_skip:
                     dropped = min(to_skip, len(new_ids))
                     new_ids, to_skip = new_ids[dropped:], to_skip - dropped
+                    positions = positions and positions[dropped:]
+                new_logprobs = _token_logprobs(new_ids, positions, sampling.logprobs)
                 generated += len(new_ids)
                 kept: list[int] = []
                 text = ""
@@ -382,10 +392,14 @@ class VllmEngine:
                     yield GenerationChunk(
                         kept, text, finished=True, finish_reason=finish_reason,
                         stats=stats, prompt_tokens=len(prompt),
+                        logprobs=None if new_logprobs is None else new_logprobs[:len(kept)],
                     )
                     return
                 if kept or text:
-                    yield GenerationChunk(kept, text, prompt_tokens=len(prompt))
+                    yield GenerationChunk(
+                        kept, text, prompt_tokens=len(prompt),
+                        logprobs=None if new_logprobs is None else new_logprobs[:len(kept)],
+                    )
         finally:
             if not finished_cleanly and self._llm is not None:
                 await self._llm.abort(request_id)
@@ -402,3 +416,20 @@ class VllmEngine:
             stats, drafted=stats.drafted - cut, accepted=stats.accepted - cut,
             emitted=min(stats.emitted, returned),
         )
+
+
+def _token_logprobs(token_ids: list[int], positions: Any,
+                    num_logprobs: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-position ``{token_id: Logprob}`` dicts (the sampled token plus the top
+    ``num_logprobs``) as ``TokenLogprob``s aligned with ``token_ids``."""
+    if num_logprobs is None or positions is None:
+        return None
+    result = []
+    for token_id, position in zip(token_ids, positions):
+        ranked = sorted(position.items(), key=lambda item: -item[1].logprob)
+        result.append(TokenLogprob(
+            token_id=token_id,
+            logprob=float(position[token_id].logprob),
+            top=tuple((tid, float(lp.logprob)) for tid, lp in ranked[:num_logprobs]),
+        ))
+    return result

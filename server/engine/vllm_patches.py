@@ -244,25 +244,107 @@ def _wrap_sample(original):
             else:
                 bonus_rows = (np.cumsum(drafts) + np.arange(num_reqs)).tolist()
         state = hook.StepState(rows=rows, num_draft_tokens=drafts)
-        _PROCESS.step = state
-        try:
-            output = original(self, logits, spec_decode_metadata)
-        finally:
-            _PROCESS.step = None
         first = _first_step_flags(self, num_reqs, drafts)
         emitting = _emitting_flags(self, num_reqs)
         plain = [i for i, row in enumerate(rows) if row is not None and row.mixes
                  and drafts[i] == 0 and emitting[i]
                  and not (first[i] and row.first_token is not None)]
+        raw_logits = logits
+        if spec_decode_metadata is None and (plain or _wants_logprobs(rows)):
+            # vLLM's plain sampler divides float32 logits by the temperature in place;
+            # resampling from pi and logprobs need the raw target.
+            logits = logits.clone()
+        _PROCESS.step = state
+        try:
+            output = original(self, logits, spec_decode_metadata)
+        finally:
+            _PROCESS.step = None
         if plain:
-            _resample_plain_rows(self, logits, output, bonus_rows, plain, state)
-        stats = hook.finalize_step(output.sampled_token_ids, logits, bonus_rows, first,
+            _resample_plain_rows(self, raw_logits, output, bonus_rows, plain, state)
+        stats = hook.finalize_step(output.sampled_token_ids, raw_logits, bonus_rows, first,
                                    emitting, state)
+        if output.logprobs_tensors is not None and _wants_logprobs(rows):
+            _logprobs_under_pi(self, output, raw_logits, bonus_rows, state)
         _report(stats, settings)
         return output
 
     _sample.__kad_original__ = original
     return _sample
+
+
+def _wants_logprobs(rows: list[hook.RowAlignment | None]) -> bool:
+    return any(row is not None and row.mixes and row.logprobs is not None for row in rows)
+
+
+def _logprobs_under_pi(runner: Any, output: Any, raw_logits: torch.Tensor,
+                       bonus_rows: list[int] | None, state: hook.StepState) -> None:
+    """Overwrite vLLM's logprobs (of p) by those of pi for every token of a mixing request
+    that asked for logprobs and was verified against pi with q*: the draft positions, and
+    zero-draft rows resampled from pi. Tokens sampled without q* get log p (they are
+    counted inexact). vLLM's tensors are laid out ``[num_reqs * width, k + 1]``
+    (``width`` = 1 + max drafts, the rejection sampler's layout) or ``[num_reqs, k + 1]``.
+    """
+    tensors = output.logprobs_tensors
+    num_logprobs = runner.input_batch.sampling_metadata.max_num_logprobs
+    if num_logprobs is None or num_logprobs < 0:
+        return  # -1 (the whole vocabulary) is not offered by the API
+    width = output.sampled_token_ids.shape[1]
+    drafts = state.num_draft_tokens
+    offsets = np.concatenate([[0], np.cumsum(drafts)]).astype(int)
+    out_rows, logit_rows, q_parts, owners = [], [], [], []
+    p_rows: list[tuple[int, int]] = []  # (output row, logits row): no q*, log p
+    for i, row in enumerate(state.rows):
+        if row is None or not row.mixes or row.logprobs is None:
+            continue
+        n = drafts[i]
+        plain_row = i if bonus_rows is None else bonus_rows[i]
+        if n > 0 and state.draft_probs is not None and i not in state.inexact_rows:
+            out_rows += range(i * width, i * width + n)
+            logit_rows += range(bonus_rows[i] - n, bonus_rows[i])
+            q_parts.append(state.draft_probs[offsets[i]:offsets[i] + n])
+            owners += [i] * n
+        elif i in state.plain_q:
+            out_rows.append(i * width)
+            logit_rows.append(plain_row)
+            q_parts.append(state.plain_q[i].unsqueeze(0))
+            owners.append(i)
+        elif n == 0:
+            # Sampled from p (no q* anywhere; counted inexact), possibly replaced by the
+            # argmax of p for a greedy row: log p of the final token.
+            p_rows.append((i * width, plain_row))
+    device = raw_logits.device
+    if p_rows:
+        out_index = torch.as_tensor([r for r, _ in p_rows], device=device)
+        log_p = raw_logits.index_select(
+            0, torch.as_tensor([r for _, r in p_rows], device=device)).float().log_softmax(-1)
+        _write_logprobs(tensors, out_index, log_p, output.sampled_token_ids, num_logprobs)
+    if not out_rows:
+        return
+    metadata = runner.input_batch.sampling_metadata
+    owner_index = torch.as_tensor(owners, device=device)
+    temperature = (torch.ones(len(owners), device=device) if metadata.temperature is None
+                   else metadata.temperature.index_select(0, owner_index))
+    params = torch.tensor([np.nan if state.rows[i].param is None else state.rows[i].param
+                           for i in owners], dtype=torch.float32, device=device)
+    log_pi = hook.unscaled_log_pi(
+        raw_logits.index_select(0, torch.as_tensor(logit_rows, device=device)),
+        torch.cat(q_parts).to(device), temperature, [state.rows[i].rule for i in owners],
+        params,
+    )
+    _write_logprobs(tensors, torch.as_tensor(out_rows, device=device), log_pi,
+                    output.sampled_token_ids, num_logprobs)
+
+
+def _write_logprobs(tensors: Any, out_index: torch.Tensor, log_probs: torch.Tensor,
+                    sampled: torch.Tensor, num_logprobs: int) -> None:
+    """Rows ``out_index`` of vLLM's ``LogprobsTensors``: the final sampled tokens' values."""
+    tokens = sampled.reshape(-1).index_select(0, out_index.to(sampled.device)).clamp(min=0)
+    ids, values, ranks = hook.gather_logprobs(log_probs, num_logprobs,
+                                              tokens.to(log_probs.device))
+    for target, source in ((tensors.logprob_token_ids, ids), (tensors.logprobs, values),
+                           (tensors.selected_token_ranks, ranks)):
+        target.index_copy_(0, out_index.to(target.device),
+                           source.to(target.device, target.dtype))
 
 
 def _report(stats: list[hook.RowStepStats], settings: HookSettings) -> None:
@@ -310,6 +392,7 @@ def _per_request_draft_probs(original):
             list(self.input_batch.req_ids), spec_decode_metadata.num_draft_tokens
         )
         state.placeholder_rows = without
+        state.draft_probs = probs
         return probs
 
     _get_spec_decode_draft_probs.__kad_original__ = original
