@@ -18,8 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.alignment import AlignmentSettings
-from server.engine.interface import Engine, GenerationChunk, RequestStats, SamplingOptions
+from server.engine.interface import (
+    Engine,
+    GenerationChunk,
+    RequestStats,
+    SamplingOptions,
+    TokenLogprob,
+)
 from server.errors import APIError, error_body, failure_message
+from server.logprobs_format import chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -36,6 +43,9 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stats: RequestStats | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    echo_ids: list[int] = field(default_factory=list)  # the prompt, returned first (echo)
+    text_offset: int = 0  # completions logprobs: where the next token's text starts
 
 
 @dataclass(eq=False)  # identity semantics: admission control keeps jobs in a set
@@ -52,6 +62,9 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     interrupted: bool = False
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Logprobs asked for: top alternatives per token (None: none).
+    num_logprobs: int | None = None
+    tokenizer: Any = None  # token texts of logprobs and echo
 
     @property
     def size(self) -> int:
@@ -100,6 +113,7 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
         seed=None if body.seed is None else body.seed + choice,
         stop=body.stop_list,
         ignore_eos=body.ignore_eos,
+        logprobs=body.num_logprobs,
     )
 
 
@@ -107,6 +121,10 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
               prompts: list[list[int]], kind: str) -> Job:
     """Submit every choice to the engine (errors in the settings surface here as 400)."""
     alignment = body.kad or engine.default_alignment
+    echo = isinstance(body, CompletionRequest) and body.echo
+    if echo and body.num_logprobs is not None:
+        raise APIError(400, "echo with logprobs (log-likelihoods of the prompt) is not "
+                            "supported by this server yet", "echo", "unsupported_field")
     prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     choices = []
@@ -120,10 +138,14 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
             stream = engine.generate(choice_id, prompt, sampling, alignment)
         except ValueError as exc:
             raise APIError(400, str(exc), "kad") from exc
-        choices.append(Choice(index, choice_id, len(prompt), stream))
+        choice = Choice(index, choice_id, len(prompt), stream)
+        if echo:
+            choice.echo_ids = list(prompt)
+        choices.append(choice)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return Job(kind, request_id, body.model, alignment, choices, include_usage,
-               [len(prompt) for prompt in prompts])
+               [len(prompt) for prompt in prompts], num_logprobs=body.num_logprobs,
+               tokenizer=engine.tokenizer)
 
 
 def merged_stats(job: Job) -> dict[str, Any]:
@@ -148,6 +170,7 @@ async def _pump(choice: Choice, queue: asyncio.Queue) -> None:
         async for chunk in choice.stream:
             choice.text += chunk.text
             choice.token_ids += chunk.token_ids
+            choice.logprobs += chunk.logprobs or []
             if chunk.finished:
                 choice.finish_reason = chunk.finish_reason
                 choice.stats = chunk.stats
@@ -214,15 +237,37 @@ async def complete(job: Job, metrics: ServerMetrics, endpoint: str) -> dict[str,
     choices = []
     for choice in sorted(job.choices, key=lambda c: c.index):
         entry: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason,
-                                 "logprobs": None}
+                                 "logprobs": _logprobs(job, choice, choice.logprobs)}
         if job.kind == "chat.completion":
             entry["message"] = {"role": "assistant", "content": choice.text}
         else:
-            entry["text"] = choice.text
+            entry["text"] = _echo_text(job, choice) + choice.text
         choices.append(entry)
     return {"id": job.request_id, "object": job.kind, "created": job.created,
             "model": job.model, "choices": choices, "usage": usage(job),
             "kad": merged_stats(job)}
+
+
+def _echo_text(job: Job, choice: Choice) -> str:
+    """The prompt as text when the request asked for ``echo`` (else empty)."""
+    return job.tokenizer.decode(choice.echo_ids) if choice.echo_ids else ""
+
+
+def _token_text(job: Job, token_id: int) -> str:
+    return job.tokenizer.decode([token_id])
+
+
+def _logprobs(job: Job, choice: Choice, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+    """A choice's (or a delta's) logprobs object, None when the request asked for none."""
+    if job.num_logprobs is None:
+        return None
+    def token_text(token_id: int) -> str:
+        return _token_text(job, token_id)
+
+    if job.kind == "chat.completion":
+        return chat_logprobs(entries, token_text, job.num_logprobs)
+    body, choice.text_offset = completion_logprobs(entries, token_text, choice.text_offset)
+    return body
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -234,25 +279,34 @@ async def stream(job: Job, metrics: ServerMetrics, endpoint: str) -> AsyncIterat
     chat = job.kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk_body(index: int, delta: dict[str, Any] | str, finish: str | None) -> dict:
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+    def chunk_body(choice: Choice, delta: dict[str, Any] | str, finish: str | None,
+                   logprobs: list[TokenLogprob] | None = None) -> dict:
+        body: dict[str, Any] = {
+            "index": choice.index, "finish_reason": finish,
+            "logprobs": None if logprobs is None else _logprobs(job, choice, logprobs)}
         if chat:
-            choice["delta"] = delta
+            body["delta"] = delta
         else:
-            choice["text"] = delta
+            body["text"] = delta
         return {"id": job.request_id, "object": obj, "created": job.created,
-                "model": job.model, "choices": [choice]}
+                "model": job.model, "choices": [body]}
 
-    if chat:
-        for choice in job.choices:
-            yield _sse(chunk_body(choice.index, {"role": "assistant", "content": ""}, None))
+    for choice in job.choices:
+        if chat:
+            yield _sse(chunk_body(choice, {"role": "assistant", "content": ""}, None))
+        elif choice.echo_ids:
+            yield _sse(chunk_body(choice, _echo_text(job, choice), None))
+    want_logprobs = job.num_logprobs is not None
     try:
         async for choice, chunk in _events(job, metrics, endpoint):
-            if chunk.text:
+            # A token whose text is still held back (an incomplete character) still sends
+            # its logprobs.
+            if chunk.text or (want_logprobs and chunk.token_ids):
                 delta = {"content": chunk.text} if chat else chunk.text
-                yield _sse(chunk_body(choice.index, delta, None))
+                yield _sse(chunk_body(choice, delta, None,
+                                      chunk.logprobs or [] if want_logprobs else None))
             if chunk.finished:
-                yield _sse(chunk_body(choice.index, {} if chat else "", chunk.finish_reason))
+                yield _sse(chunk_body(choice, {} if chat else "", chunk.finish_reason))
     except Exception as exc:  # noqa: BLE001 - the stream is open: report in-band
         yield _sse(error_body(500, f"generation failed: {failure_message(exc)}"))
         yield "data: [DONE]\n\n"

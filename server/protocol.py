@@ -33,15 +33,14 @@ from server.errors import APIError
 
 # Fields that change semantics and are not implemented: a 400 naming the field.
 UNSUPPORTED_FIELDS = (
-    "tools", "tool_choice", "functions", "function_call", "logit_bias", "logprobs",
-    "top_logprobs", "response_format", "best_of", "echo", "suffix", "presence_penalty",
+    "tools", "tool_choice", "functions", "function_call", "logit_bias",
+    "response_format", "best_of", "suffix", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "min_tokens", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "structured_outputs", "audio", "modalities",
     "prediction", "parallel_tool_calls",
 )
 # Harmless when set to their "off" value (clients often send these defaults explicitly).
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0), "best_of": (None, 1), "suffix": (None, ""),
     "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False),
@@ -49,10 +48,12 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "response_format": (None, {"type": "text"}), "min_tokens": (None, 0),
 }
 MAX_N = 16
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI and vLLM's default max_logprobs
 MAX_STOP = 8
 MAX_MESSAGES = 8192
 # Clients (and OpenAI itself) treat an explicit null as "use the default".
-_NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "ignore_eos", "max_tokens")
+_NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "ignore_eos", "max_tokens",
+                       "logprobs", "top_logprobs", "echo")
 
 
 def _valid_unicode(value: str) -> str:
@@ -168,6 +169,20 @@ Messages = _list(ChatMessage, min_length=1, max_length=MAX_MESSAGES)
 class ChatCompletionRequest(_Common):
     messages: Messages
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per generated token (0: the token's own), None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     # Not given: the rest of the context window.
     default_max_tokens: ClassVar[int | None] = None
@@ -179,6 +194,8 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: StrictStr | _list(StrictStr) | TokenIds | _list(TokenIds)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
     # Not given: OpenAI's 16, clamped to the rest of the context window (as vLLM does).
     default_max_tokens: ClassVar[int | None] = 16
 
@@ -199,6 +216,10 @@ class CompletionRequest(_Common):
             for item in value:
                 _valid_unicode(item)
         return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompt_count(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import random
 from collections import defaultdict
 
@@ -18,7 +19,7 @@ from kad_kernels.rules import unserved_reason
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions
+from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions, TokenLogprob
 
 
 def word_tokens(tokenizer) -> list[int]:
@@ -97,6 +98,11 @@ class FakeEngine:
                 if self.errored:  # every running request fails, as with vLLM's EngineDeadError
                     raise EngineFailure("fake engine died")
                 token = rng.choice(self._pool)
+                # The fake draws uniformly from its pool: every pool token has log(1/N).
+                uniform = -math.log(len(self._pool))
+                logprobs = None if sampling.logprobs is None else [TokenLogprob(
+                    token, uniform,
+                    tuple((t, uniform) for t in self._pool[:sampling.logprobs]))]
                 text = detok.add([token])
                 last = step == sampling.max_tokens - 1 or detok.stopped
                 if last:
@@ -109,9 +115,10 @@ class FakeEngine:
                     finished = True
                     yield GenerationChunk([token], text, True,
                                           "stop" if detok.stopped else "length", stats,
-                                          len(prompt))
+                                          len(prompt), logprobs)
                     return
-                yield GenerationChunk([token], text, prompt_tokens=len(prompt))
+                yield GenerationChunk([token], text, prompt_tokens=len(prompt),
+                                      logprobs=logprobs)
         finally:
             self.running.discard(request_id)
             if not finished:

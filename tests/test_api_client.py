@@ -246,3 +246,79 @@ def test_streaming_completions_with_n(client, api):
 def test_models_endpoint(client, api):
     models = client.models.list()
     assert [m.id for m in models.data] == [api.model]
+
+
+def _fake_logprob(api: ApiTarget) -> float | None:
+    """The fake engine's log pi of every token (uniform over its pool); None for vLLM."""
+    import math
+
+    return None if api.engine is None else -math.log(len(api.engine._pool))
+
+
+def test_chat_logprobs_and_top_logprobs(client, api):
+    response = client.chat.completions.create(
+        model=api.model, messages=[{"role": "user", "content": "Say something."}],
+        max_tokens=8, seed=5, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    choice = response.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == response.usage.completion_tokens == 8
+    assert "".join(entry.token for entry in content) == choice.message.content
+    for entry in content:
+        assert bytes(entry.bytes) == entry.token.encode("utf-8")
+        assert len(entry.top_logprobs) == 3
+        values = [top.logprob for top in entry.top_logprobs]
+        assert values == sorted(values, reverse=True) and entry.logprob <= values[0] + 1e-6
+        assert -9999.0 <= entry.logprob <= 0.0
+        if _fake_logprob(api) is not None:
+            assert entry.logprob == pytest.approx(_fake_logprob(api))
+    # Without logprobs the field is null; logprobs without top_logprobs: no alternatives.
+    plain = client.chat.completions.create(
+        model=api.model, messages=[{"role": "user", "content": "x"}], max_tokens=2, seed=5)
+    assert plain.choices[0].logprobs is None
+    own = client.chat.completions.create(
+        model=api.model, messages=[{"role": "user", "content": "x"}], max_tokens=2, seed=5,
+        logprobs=True)
+    assert [e.top_logprobs for e in own.choices[0].logprobs.content] == [[], []]
+
+
+def test_completion_logprobs_streamed_equal_non_streamed(client, api):
+    request = {"model": api.model, "prompt": "Once upon a time", "max_tokens": 10,
+               "seed": 11, "logprobs": 2, "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**request)
+    logprobs = whole.choices[0].logprobs
+    text = whole.choices[0].text
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 10
+    assert "".join(logprobs.tokens) == text
+    # text_offset: where each token's text starts in the returned text.
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i])
+                                    for i in range(10)]
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs,
+                                 logprobs.top_logprobs):
+        # The token itself and its top 2 alternatives (vLLM's shape): greedy-ness decidable.
+        assert token in top and top[token] == value and len(top) <= 3
+        assert max(top.values()) >= value
+    tokens, values, offsets = [], [], []
+    for chunk in client.completions.create(stream=True, **request):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                values += choice.logprobs.token_logprobs
+                offsets += choice.logprobs.text_offset
+    if api.engine is not None:  # same seed, same tokens (the fake engine is deterministic)
+        assert tokens == logprobs.tokens and offsets == logprobs.text_offset
+        assert values == pytest.approx(logprobs.token_logprobs)
+    assert len(tokens) == 10 and offsets == [sum(len(t) for t in tokens[:i]) for i in range(10)]
+
+
+def test_completion_echo_returns_the_prompt_first(client, api):
+    prompt = "The prompt comes back"
+    whole = client.completions.create(model=api.model, prompt=prompt, max_tokens=3, seed=2,
+                                      echo=True, extra_body={"ignore_eos": True})
+    assert whole.choices[0].text.startswith(prompt)
+    assert len(whole.choices[0].text) > len(prompt)
+    streamed = "".join(choice.text for chunk in client.completions.create(
+        model=api.model, prompt=prompt, max_tokens=3, seed=2, echo=True, stream=True,
+        extra_body={"ignore_eos": True}) for choice in chunk.choices)
+    assert streamed.startswith(prompt)
+    if api.engine is not None:
+        assert streamed == whole.choices[0].text

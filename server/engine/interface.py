@@ -84,10 +84,10 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's log pi and its most likely alternatives, most likely first."""
+    """One token's log pi and its most likely alternatives, most likely first."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None: the first prompt token under echo (nothing precedes it)
     top: tuple[tuple[int, float], ...] = ()
 
 
