@@ -30,6 +30,7 @@ class Completion:
     first_token_s: float | None = None  # seconds from submission to the first token
     total_s: float = 0.0
     logprobs: list[TokenLogprob] | None = None  # when the sampling options asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # when asked to score the prompt
 
 
 class LoopThread:
@@ -81,6 +82,7 @@ class BackgroundEngine(LoopThread):
         first = None
         last = None
         logprobs: list[TokenLogprob] | None = None if sampling.logprobs is None else []
+        prompt_logprobs = None
         async for chunk in self.engine.generate(
             request_id or self._next_id("bg"), prompt, sampling, alignment
         ):
@@ -90,12 +92,14 @@ class BackgroundEngine(LoopThread):
             text += chunk.text
             if logprobs is not None:
                 logprobs += chunk.logprobs or []
+            prompt_logprobs = chunk.prompt_logprobs or prompt_logprobs
             last = chunk
         return Completion(
             token_ids=ids, text=text,
             finish_reason=None if last is None else last.finish_reason,
             stats=None if last is None else last.stats,
             first_token_s=first, total_s=loop.time() - started, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def complete_many(

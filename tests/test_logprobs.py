@@ -76,3 +76,59 @@ def test_logprobs_are_not_those_of_p(production_engine, reference_factory):
         gaps.append(abs(entry.logprob - math.log(float(p[entry.token_id]))))
         assert entry.top == ()
     assert max(gaps) > 0.05
+
+
+SCORED_TEXT = ("Question: Tom has three apples and buys two more. How many apples does he "
+               "have now?\nAnswer: five apples. The end.")
+
+
+@pytest.mark.parametrize("sampling_name", ["greedy", "t0.7-topk-topp"])
+def test_prompt_scoring_is_log_pi_at_every_position_for_every_rule(
+        production_engine, reference_factory, sampling_name):
+    """echo + logprobs: every prompt token from the third on gets log pi given the tokens
+    before it (the second gets log p: no q* exists before the first draft, docs/api.md),
+    then the request generates as usual."""
+    prompt = production_engine.engine.tokenizer.encode(SCORED_TEXT)
+    assert len(prompt) > 20
+    rules = list(TWO_MODEL_RULES)
+    alignments = [AlignmentSettings.paper_default(rule) for rule in rules]
+    results = production_engine.complete_many(
+        [prompt] * len(rules),
+        [SamplingOptions(max_tokens=2, seed=i, logprobs=2, prompt_logprobs=True,
+                         ignore_eos=True, **SAMPLINGS[sampling_name])
+         for i in range(len(rules))],
+        alignments, timeout=900,
+    )
+    for rule, alignment, result in zip(rules, alignments, results):
+        scores = result.prompt_logprobs
+        assert [entry.token_id for entry in scores] == prompt, rule
+        assert scores[0].logprob is None
+        reference = reference_factory(rule, alignment.param, temperature=1.0)
+        p, _, _ = reference.next_distributions(prompt[:1])
+        assert abs(scores[1].logprob - math.log(float(p[prompt[1]]))) < TOLERANCE
+        for t in range(2, len(prompt)):
+            _, _, pi = reference.next_distributions(prompt[:t])
+            log_pi = pi.double().log()
+            assert abs(scores[t].logprob - float(log_pi[prompt[t]])) < TOLERANCE, (rule, t)
+            assert scores[t].top[0][0] == int(pi.argmax()) or abs(
+                scores[t].top[0][1] - float(log_pi.max())) < 1e-5
+        # The generated tokens after the prompt: log pi too, given the whole prompt.
+        assert len(result.token_ids) == 2 and len(result.logprobs) == 2
+        _, _, pi = reference.next_distributions(prompt)
+        assert abs(result.logprobs[0].logprob - math.log(float(pi[result.token_ids[0]]))) \
+            < TOLERANCE
+
+
+def test_prompt_scoring_with_no_generation(production_engine, reference_factory):
+    """max_tokens 0 (what scoring clients send with echo): the prompt's values only."""
+    prompt = production_engine.engine.tokenizer.encode(SCORED_TEXT)
+    result = production_engine.complete_many(
+        [prompt], [SamplingOptions(max_tokens=0, temperature=0.0, logprobs=0,
+                                   prompt_logprobs=True)],
+        [AlignmentSettings.paper_default("kad_dual")], timeout=300)[0]
+    assert result.token_ids == [] and result.finish_reason == "length"
+    assert [entry.token_id for entry in result.prompt_logprobs] == prompt
+    reference = reference_factory("kad_dual", 0.4, temperature=1.0)
+    _, _, pi = reference.next_distributions(prompt[:-1])
+    assert abs(result.prompt_logprobs[-1].logprob - math.log(float(pi[prompt[-1]]))) \
+        < TOLERANCE

@@ -80,6 +80,9 @@ class SamplingOptions:
     # Logprobs of each generated token under pi (unscaled), with this many top
     # alternatives (0: the token's own only); None: no logprobs.
     logprobs: int | None = None
+    # Also score the prompt: log pi of each prompt token given the ones before it (needs
+    # ``logprobs``); ``max_tokens`` may then be 0.
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class GenerationChunk:
     stats: RequestStats | None = None
     prompt_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
+    # The prompt's entries (the first has logprob None), in one chunk, when asked for.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Engine(Protocol):

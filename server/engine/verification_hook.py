@@ -49,6 +49,9 @@ class RowAlignment:
     greedy: bool = False  # temperature 0 requested: follow argmax(pi), sent as temperature 1
     first_token: int | None = None  # the withheld last prompt token, forced as output 0
     logprobs: int | None = None  # top alternatives asked for (0: the token's own only)
+    # Prompt scoring: output tokens 1, 2, ... are forced to be these (the prompt's tokens
+    # after the two vLLM was given as prompt and withheld token), see ``force_tokens``.
+    forced: tuple[int, ...] = ()
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RowAlignment | None:
@@ -62,6 +65,7 @@ class RowAlignment:
             greedy=bool(settings.get("greedy", False)),
             first_token=settings.get("first_token"),
             logprobs=settings.get("logprobs"),
+            forced=tuple(settings.get("forced") or ()),
         )
 
     @property
@@ -284,6 +288,62 @@ def resample_plain_rows(
     state.resampled_rows.update(batch_rows)
     state.plain_q.update(zip(batch_rows, q_star.unbind(0)))
     state.plain_degraded = degraded
+
+
+def forced_token(row: RowAlignment, output_index: int) -> int | None:
+    """The token output ``output_index`` must be for a scoring row (None: free)."""
+    k = output_index - 1  # output 0 is the withheld prompt token
+    return row.forced[k] if 0 <= k < len(row.forced) else None
+
+
+def force_tokens(sampled: np.ndarray, rows: list[RowAlignment | None],
+                 num_draft_tokens: list[int], draft_tokens: np.ndarray,
+                 output_lens: np.ndarray) -> list[int]:
+    """Scoring rows: their outputs are the prompt's own tokens, not samples.
+
+    ``sampled`` ``[num_reqs, width]`` (host copy, changed in place), ``draft_tokens`` the
+    step's drafts (request-major), ``output_lens[i]`` the tokens row i output before this
+    step. Each forced slot keeps the verification's position (so logprobs there are log pi
+    of the prompt token given the prompt before it): slots are forced while the drafts
+    match the prompt (the proposer drafts the prompt, ``forced_drafts``), up to and
+    including the first slot that does not; everything after is dropped, the bonus slot
+    too (it has no q*). Returns the rows changed.
+    """
+    changed = []
+    offsets = np.concatenate([[0], np.cumsum(num_draft_tokens)]).astype(int)
+    for i, row in enumerate(rows):
+        if row is None or not row.forced:
+            continue
+        n = num_draft_tokens[i] if i < len(num_draft_tokens) else 0
+        kept = 0
+        # Draft slots only (the bonus slot has no q*); a zero-draft row's one slot.
+        for j in range(max(n, 1)):
+            token = forced_token(row, int(output_lens[i]) + j)
+            if token is None:
+                break
+            sampled[i, j] = token
+            kept = j + 1
+            if n and draft_tokens[offsets[i] + j] != token:
+                break
+        if kept:
+            sampled[i, kept:] = PLACEHOLDER
+            changed.append(i)
+    return changed
+
+
+def forced_drafts(rows: list[RowAlignment | None], output_lens: np.ndarray,
+                  gamma: int) -> np.ndarray | None:
+    """``[num_reqs, gamma]`` draft tokens the proposer must draft (-1: its own sample):
+    for a scoring row, the prompt tokens at output positions ``output_lens[i] + j``."""
+    table = np.full((len(rows), gamma), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        if row is None or not row.forced:
+            continue
+        for j in range(gamma):
+            token = forced_token(row, int(output_lens[i]) + j)
+            if token is not None:
+                table[i, j] = token
+    return table if (table >= 0).any() else None
 
 
 def unscaled_log_pi(

@@ -296,11 +296,13 @@ class VllmEngine:
             raise UnsupportedAlignmentError(UNSUPPORTED_RULES[alignment.rule])
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
+        if sampling.prompt_logprobs and sampling.logprobs is None:
+            raise ValueError("scoring the prompt needs logprobs")
         return self._generate(request_id, prompt_token_ids, sampling, alignment, record=True)
 
     def _sampling_params(
-        self, request_id: str, prompt: list[int], sampling: SamplingOptions,
-        alignment: AlignmentSettings, withhold: bool,
+        self, request_id: str, sampling: SamplingOptions, alignment: AlignmentSettings,
+        first_token: int | None, forced: list[int],
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -314,8 +316,9 @@ class VllmEngine:
             "id": request_id,
             **alignment.as_extra_args(),
             "greedy": greedy and mixes,
-            "first_token": prompt[-1] if withhold else None,
+            "first_token": first_token,
             "logprobs": sampling.logprobs,
+            "forced": forced,
         }
         return SamplingParams(
             n=1,
@@ -323,13 +326,30 @@ class VllmEngine:
             top_p=1.0 if greedy else sampling.top_p,
             top_k=0 if greedy or not sampling.top_k else sampling.top_k,
             seed=sampling.seed,
-            max_tokens=sampling.max_tokens + int(withhold),
-            ignore_eos=sampling.ignore_eos,
+            max_tokens=sampling.max_tokens + int(first_token is not None) + len(forced),
+            # A scored prompt may contain end-of-text: vLLM must not stop in it (the end
+            # of the generated part is checked here, ``_ends_generation``).
+            ignore_eos=sampling.ignore_eos or bool(forced),
             logprobs=sampling.logprobs,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_ARGS_KEY: kad},
         )
+
+    def _plan_prompt(self, prompt: list[int], sampling: SamplingOptions,
+                     ) -> tuple[list[int], int | None, list[int]]:
+        """``(vLLM's prompt, withheld token, forced tokens)``.
+
+        The last prompt token is withheld and re-emitted by the hook as "output" 0, so that
+        q* exists at the first real output position (see verification_hook). To score the
+        prompt (``prompt_logprobs``), vLLM gets its first token only and the hook forces
+        the rest as outputs, each verified (and so given log pi) at its own position.
+        """
+        if sampling.prompt_logprobs and len(prompt) >= 2:
+            return prompt[:1], prompt[1], prompt[2:]
+        if len(prompt) >= 2 and prompt[-1] not in self._stop_ids:
+            return prompt[:-1], prompt[-1], []
+        return prompt, None, []
 
     async def _generate(
         self,
@@ -344,15 +364,21 @@ class VllmEngine:
         if self._llm is None:
             raise RuntimeError("engine not started")
         prompt = list(prompt_token_ids)
-        # The last prompt token is re-emitted by the hook as "output" 0, so that q* exists
-        # at the first real output position (see verification_hook).
-        withhold = len(prompt) >= 2 and prompt[-1] not in self._stop_ids
-        vllm_prompt = prompt[:-1] if withhold else prompt
-        params = self._sampling_params(request_id, prompt, sampling, alignment, withhold)
+        vllm_prompt, first_token, forced = self._plan_prompt(prompt, sampling)
+        if sampling.max_tokens == 0 and first_token is None:  # a one-token prompt, scored
+            yield GenerationChunk([], "", finished=True, finish_reason="length",
+                                  stats=RequestStats(), prompt_tokens=len(prompt),
+                                  logprobs=[], prompt_logprobs=[TokenLogprob(prompt[0], None)])
+            return
+        params = self._sampling_params(request_id, sampling, alignment, first_token, forced)
         self._live[request_id] = RequestStats()
         self._updated[request_id] = asyncio.Event()
         detok = IncrementalDetokenizer(self.tokenizer, tuple(sampling.stop))
-        to_skip = int(withhold)
+        to_skip = int(first_token is not None)
+        # Scoring: the prompt's entries (its first token has none), delivered once complete.
+        scored: list[TokenLogprob] | None = (
+            [TokenLogprob(prompt[0], None)] if sampling.prompt_logprobs else None)
+        to_score = len(forced) + int(bool(forced) or (scored is not None and to_skip))
         generated = 0  # tokens vLLM produced for this request (after the withheld one)
         finish_reason: str | None = None
         finished_cleanly = False
@@ -364,7 +390,17 @@ class VllmEngine:
                 completion = output.outputs[0]
                 new_ids = list(completion.token_ids)
                 positions = completion.logprobs
-                if to_skip:
+                if scored is not None and to_score:
+                    # Output 0 is the withheld prompt token 1, then the forced ones.
+                    taken = min(to_score, len(new_ids))
+                    scored += _token_logprobs(new_ids[:taken], positions, sampling.logprobs)
+                    new_ids, to_score = new_ids[taken:], to_score - taken
+                    positions = positions and positions[taken:]
+                    generated += taken - to_skip
+                    to_skip = 0
+                    if to_score and not output.finished:
+                        continue
+                elif to_skip:
                     dropped = min(to_skip, len(new_ids))
                     new_ids, to_skip = new_ids[dropped:], to_skip - dropped
                     positions = positions and positions[dropped:]
@@ -372,16 +408,20 @@ class VllmEngine:
                 generated += len(new_ids)
                 kept: list[int] = []
                 text = ""
+                ended = False
                 for token_id in new_ids:
                     kept.append(token_id)
                     text += detok.add([token_id])
-                    if detok.stopped:
+                    ended = bool(forced) and self._ends_generation(token_id, sampling)
+                    if detok.stopped or ended:
                         break
-                if detok.stopped:
+                if detok.stopped or ended:
                     finish_reason = "stop"
                 elif output.finished:
                     finish_reason = completion.finish_reason or "stop"
                     text += detok.flush()
+                prompt_scores, scored = (scored, None) if scored is not None else (None, None)
+                logprobs = None if new_logprobs is None else new_logprobs[:len(kept)]
                 if finish_reason is not None:
                     if not output.finished:
                         await self._llm.abort(request_id)
@@ -391,20 +431,22 @@ class VllmEngine:
                     finished_cleanly = True
                     yield GenerationChunk(
                         kept, text, finished=True, finish_reason=finish_reason,
-                        stats=stats, prompt_tokens=len(prompt),
-                        logprobs=None if new_logprobs is None else new_logprobs[:len(kept)],
+                        stats=stats, prompt_tokens=len(prompt), logprobs=logprobs,
+                        prompt_logprobs=prompt_scores,
                     )
                     return
-                if kept or text:
-                    yield GenerationChunk(
-                        kept, text, prompt_tokens=len(prompt),
-                        logprobs=None if new_logprobs is None else new_logprobs[:len(kept)],
-                    )
+                if kept or text or prompt_scores:
+                    yield GenerationChunk(kept, text, prompt_tokens=len(prompt),
+                                          logprobs=logprobs, prompt_logprobs=prompt_scores)
         finally:
             if not finished_cleanly and self._llm is not None:
                 await self._llm.abort(request_id)
             self._live.pop(request_id, None)
             self._updated.pop(request_id, None)
+
+    def _ends_generation(self, token_id: int, sampling: SamplingOptions) -> bool:
+        """End of text in the generated part of a scored request (vLLM ignores it there)."""
+        return not sampling.ignore_eos and token_id in self._stop_ids
 
     async def _final_stats(self, request_id: str, generated: int, returned: int) -> RequestStats:
         stats = await self._settled_stats(request_id, generated)

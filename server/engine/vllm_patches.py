@@ -98,6 +98,10 @@ class HookProcess:
 
     step: hook.StepState | None = None
     greedy_rows: tuple[int, frozenset[int]] = (0, frozenset())
+    # Scoring rows: the drafts the next proposal must make ([num_reqs, gamma], -1 free),
+    # and how many draft tokens the proposer sampled since the last ``_sample``.
+    forced_drafts: torch.Tensor | None = None
+    draft_call: int = 0
     sender: StatsSender | None = None
     sender_endpoint: str | None = None
     logged_degraded: bool = False
@@ -250,6 +254,7 @@ def _wrap_sample(original):
                  and drafts[i] == 0 and emitting[i]
                  and not (first[i] and row.first_token is not None)]
         raw_logits = logits
+        verified = spec_decode_metadata
         if spec_decode_metadata is None and (plain or _wants_logprobs(rows)):
             # vLLM's plain sampler divides float32 logits by the temperature in place;
             # resampling from pi and logprobs need the raw target.
@@ -261,8 +266,20 @@ def _wrap_sample(original):
             _PROCESS.step = None
         if plain:
             _resample_plain_rows(self, raw_logits, output, bonus_rows, plain, state)
+        scoring = any(row is not None and row.forced for row in rows)
+        if scoring:
+            output_lens = _output_lens(self, num_reqs, drafts)
+            _force_prompt_tokens(output.sampled_token_ids, rows, drafts, verified, output_lens)
         stats = hook.finalize_step(output.sampled_token_ids, raw_logits, bonus_rows, first,
                                    emitting, state)
+        _PROCESS.draft_call = 0
+        _PROCESS.forced_drafts = None
+        if scoring and self.speculative_config is not None:
+            emitted = (output.sampled_token_ids[:num_reqs] != hook.PLACEHOLDER).sum(dim=1)
+            table = hook.forced_drafts(rows, output_lens + emitted.cpu().numpy(),
+                                       self.speculative_config.num_speculative_tokens)
+            if table is not None:
+                _PROCESS.forced_drafts = torch.from_numpy(table).to(logits.device)
         if output.logprobs_tensors is not None and _wants_logprobs(rows):
             _logprobs_under_pi(self, output, raw_logits, bonus_rows, state)
         _report(stats, settings)
@@ -273,7 +290,26 @@ def _wrap_sample(original):
 
 
 def _wants_logprobs(rows: list[hook.RowAlignment | None]) -> bool:
-    return any(row is not None and row.mixes and row.logprobs is not None for row in rows)
+    return any(row is not None and (row.mixes or row.forced) and row.logprobs is not None
+               for row in rows)
+
+
+def _output_lens(runner: Any, num_reqs: int, num_draft_tokens: list[int]) -> np.ndarray:
+    """Tokens each row output before this step (the sequence before its drafts, less the
+    prompt vLLM was given)."""
+    seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs].numpy() - np.asarray(
+        num_draft_tokens, dtype=np.int64)
+    return seq_lens - runner.input_batch.num_prompt_tokens[:num_reqs]
+
+
+def _force_prompt_tokens(sampled: torch.Tensor, rows: list[hook.RowAlignment | None],
+                         drafts: list[int], metadata: Any, output_lens: np.ndarray) -> None:
+    """Scoring rows output the prompt's tokens (``verification_hook.force_tokens``)."""
+    host = sampled.cpu().numpy().copy()
+    draft_tokens = (np.zeros(0, dtype=np.int64) if metadata is None
+                    else metadata.draft_token_ids.cpu().numpy())
+    if hook.force_tokens(host, rows, drafts, draft_tokens, output_lens):
+        sampled.copy_(torch.from_numpy(host).to(sampled.device))
 
 
 def _logprobs_under_pi(runner: Any, output: Any, raw_logits: torch.Tensor,
@@ -294,24 +330,28 @@ def _logprobs_under_pi(runner: Any, output: Any, raw_logits: torch.Tensor,
     out_rows, logit_rows, q_parts, owners = [], [], [], []
     p_rows: list[tuple[int, int]] = []  # (output row, logits row): no q*, log p
     for i, row in enumerate(state.rows):
-        if row is None or not row.mixes or row.logprobs is None:
+        if row is None or row.logprobs is None or not (row.mixes or row.forced):
             continue
         n = drafts[i]
-        plain_row = i if bonus_rows is None else bonus_rows[i]
-        if n > 0 and state.draft_probs is not None and i not in state.inexact_rows:
+        plain_row = i if bonus_rows is None else bonus_rows[i]  # the bonus/plain position
+        with_q = 0  # leading slots verified against pi with q*
+        if row.mixes and n > 0 and state.draft_probs is not None \
+                and i not in state.inexact_rows:
+            with_q = n
             out_rows += range(i * width, i * width + n)
-            logit_rows += range(bonus_rows[i] - n, bonus_rows[i])
+            logit_rows += range(plain_row - n, plain_row)
             q_parts.append(state.draft_probs[offsets[i]:offsets[i] + n])
             owners += [i] * n
-        elif i in state.plain_q:
+        elif row.mixes and i in state.plain_q:
+            with_q = 1
             out_rows.append(i * width)
             logit_rows.append(plain_row)
             q_parts.append(state.plain_q[i].unsqueeze(0))
             owners.append(i)
-        elif n == 0:
-            # Sampled from p (no q* anywhere; counted inexact), possibly replaced by the
-            # argmax of p for a greedy row: log p of the final token.
-            p_rows.append((i * width, plain_row))
+        # Every other slot whose token may differ from vLLM's own (rule base, the withheld
+        # first token, forced prompt tokens, drafts verified without q*): log p of the
+        # final token (counted inexact where pi was meant).
+        p_rows += [(i * width + j, plain_row - n + j) for j in range(with_q, n + 1)]
     device = raw_logits.device
     if p_rows:
         out_index = torch.as_tensor([r for r, _ in p_rows], device=device)
@@ -478,8 +518,11 @@ def _seeded_compute_probs_and_sample_next_token(original):
             sampling_metadata.temperature is None
             or logits.shape[0] == len(sampling_metadata.temperature)
         )
+        call = _PROCESS.draft_call
+        _PROCESS.draft_call += 1
         if sampling_metadata.all_greedy or not aligned_batch or not (generators or greedy_rows):
-            return original(logits, sampling_metadata, use_fp64_gumbel)
+            next_token_ids, probs = original(logits, sampling_metadata, use_fp64_gumbel)
+            return _forced(next_token_ids, call, aligned_batch), probs
         # Upstream body, with per-request generators for the exponential race noise.
         temperature = sampling_metadata.temperature
         is_greedy = temperature < upstream._SAMPLING_EPS
@@ -498,10 +541,20 @@ def _seeded_compute_probs_and_sample_next_token(original):
         if greedy_rows:
             index = torch.tensor(sorted(greedy_rows), device=probs.device)
             next_token_ids[index] = probs.index_select(0, index).argmax(dim=-1)
-        return next_token_ids, probs
+        return _forced(next_token_ids, call, aligned_batch), probs
 
     compute_probs_and_sample_next_token.__kad_original__ = original
     return compute_probs_and_sample_next_token
+
+
+def _forced(next_token_ids: torch.Tensor, call: int, aligned_batch: bool) -> torch.Tensor:
+    """Scoring rows draft the prompt's next tokens instead of sampling (q* is unchanged:
+    it is the draft's distribution at that position, given the prompt before it)."""
+    table = _PROCESS.forced_drafts
+    if table is None or not aligned_batch or call >= table.shape[1]:
+        return next_token_ids
+    column = table[:, call].to(next_token_ids.device)
+    return torch.where(column >= 0, column.to(next_token_ids.dtype), next_token_ids)
 
 
 def patched_functions() -> dict[str, Any]:
