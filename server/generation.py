@@ -10,6 +10,7 @@ does the same from outside and lets the response end cleanly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -44,6 +45,7 @@ class Choice:
     finish_reason: str | None = None
     stats: RequestStats | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs: the prompt's
     echo_ids: list[int] = field(default_factory=list)  # the prompt, returned first (echo)
     text_offset: int = 0  # completions logprobs: where the next token's text starts
 
@@ -122,9 +124,6 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
     """Submit every choice to the engine (errors in the settings surface here as 400)."""
     alignment = body.kad or engine.default_alignment
     echo = isinstance(body, CompletionRequest) and body.echo
-    if echo and body.num_logprobs is not None:
-        raise APIError(400, "echo with logprobs (log-likelihoods of the prompt) is not "
-                            "supported by this server yet", "echo", "unsupported_field")
     prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     choices = []
@@ -132,6 +131,9 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
         (p_index * body.n + i, prompt, plan_sampling(body, len(prompt), engine.max_model_len, i))
         for p_index, prompt in enumerate(prompts) for i in range(body.n)
     ]
+    if echo and body.num_logprobs is not None:  # score the prompt too (log pi of each token)
+        plans = [(index, prompt, dataclasses.replace(sampling, prompt_logprobs=True))
+                 for index, prompt, sampling in plans]
     for index, prompt, sampling in plans:
         choice_id = f"{request_id}-{index}"
         try:
@@ -171,6 +173,7 @@ async def _pump(choice: Choice, queue: asyncio.Queue) -> None:
             choice.text += chunk.text
             choice.token_ids += chunk.token_ids
             choice.logprobs += chunk.logprobs or []
+            choice.prompt_logprobs = chunk.prompt_logprobs or choice.prompt_logprobs
             if chunk.finished:
                 choice.finish_reason = chunk.finish_reason
                 choice.stats = chunk.stats
@@ -236,8 +239,9 @@ async def complete(job: Job, metrics: ServerMetrics, endpoint: str) -> dict[str,
                        code="shutting_down")
     choices = []
     for choice in sorted(job.choices, key=lambda c: c.index):
+        entries = (choice.prompt_logprobs or []) + choice.logprobs
         entry: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason,
-                                 "logprobs": _logprobs(job, choice, choice.logprobs)}
+                                 "logprobs": _logprobs(job, choice, entries)}
         if job.kind == "chat.completion":
             entry["message"] = {"role": "assistant", "content": choice.text}
         else:
@@ -291,14 +295,17 @@ async def stream(job: Job, metrics: ServerMetrics, endpoint: str) -> AsyncIterat
         return {"id": job.request_id, "object": obj, "created": job.created,
                 "model": job.model, "choices": [body]}
 
+    want_logprobs = job.num_logprobs is not None
     for choice in job.choices:
         if chat:
             yield _sse(chunk_body(choice, {"role": "assistant", "content": ""}, None))
-        elif choice.echo_ids:
+        elif choice.echo_ids and not want_logprobs:
             yield _sse(chunk_body(choice, _echo_text(job, choice), None))
-    want_logprobs = job.num_logprobs is not None
     try:
         async for choice, chunk in _events(job, metrics, endpoint):
+            if chunk.prompt_logprobs:  # echo with logprobs: the prompt, once it is scored
+                yield _sse(chunk_body(choice, _echo_text(job, choice), None,
+                                      chunk.prompt_logprobs))
             # A token whose text is still held back (an incomplete character) still sends
             # its logprobs.
             if chunk.text or (want_logprobs and chunk.token_ids):

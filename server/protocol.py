@@ -194,8 +194,18 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: StrictStr | _list(StrictStr) | TokenIds | _list(TokenIds)
+    # 0 only with echo: score the prompt, generate nothing (what scoring clients send).
+    max_tokens: StrictInt | None = Field(None, ge=0)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: StrictBool = False
+    echo: StrictBool = Field(False, validate_default=True)
+
+    @field_validator("echo")
+    @classmethod
+    def _zero_tokens_need_echo(cls, value: bool, info: ValidationInfo) -> bool:
+        if info.data.get("max_tokens") == 0 and not value:
+            raise ValueError("max_tokens 0 is only meaningful with echo (it returns the "
+                             "prompt)")
+        return value
     # Not given: OpenAI's 16, clamped to the rest of the context window (as vLLM does).
     default_max_tokens: ClassVar[int | None] = 16
 

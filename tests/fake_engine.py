@@ -88,7 +88,17 @@ class FakeEngine:
         detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         self.running.add(request_id)
         finished = False
+        uniform = -math.log(len(self._pool))
+        # Scoring: the fake's log pi of each prompt token (nothing precedes the first).
+        scored = None if not sampling.prompt_logprobs else [TokenLogprob(prompt[0], None)] + [
+            TokenLogprob(t, uniform, tuple((u, uniform) for u in self._pool[:sampling.logprobs]))
+            for t in prompt[1:]]
         try:
+            if sampling.max_tokens == 0:
+                finished = True
+                yield GenerationChunk([], "", True, "length", RequestStats(), len(prompt), [],
+                                      scored)
+                return
             for step in range(sampling.max_tokens):
                 await asyncio.sleep(self.token_delay)
                 if self.fail_after is not None and step == self.fail_after:
@@ -99,7 +109,6 @@ class FakeEngine:
                     raise EngineFailure("fake engine died")
                 token = rng.choice(self._pool)
                 # The fake draws uniformly from its pool: every pool token has log(1/N).
-                uniform = -math.log(len(self._pool))
                 logprobs = None if sampling.logprobs is None else [TokenLogprob(
                     token, uniform,
                     tuple((t, uniform) for t in self._pool[:sampling.logprobs]))]
@@ -115,10 +124,11 @@ class FakeEngine:
                     finished = True
                     yield GenerationChunk([token], text, True,
                                           "stop" if detok.stopped else "length", stats,
-                                          len(prompt), logprobs)
+                                          len(prompt), logprobs, scored)
                     return
                 yield GenerationChunk([token], text, prompt_tokens=len(prompt),
-                                      logprobs=logprobs)
+                                      logprobs=logprobs, prompt_logprobs=scored)
+                scored = None
         finally:
             self.running.discard(request_id)
             if not finished:

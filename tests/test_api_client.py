@@ -322,3 +322,59 @@ def test_completion_echo_returns_the_prompt_first(client, api):
     assert streamed.startswith(prompt)
     if api.engine is not None:
         assert streamed == whole.choices[0].text
+
+
+def test_harness_shaped_scoring_request(api):
+    """What lm-evaluation-harness sends for log-likelihoods: token-id prompts in a batch,
+    ``max_tokens 1, logprobs 1, echo, temperature 0``. It reads ``token_logprobs``,
+    ``top_logprobs`` and ``tokens``; the first prompt token has null values."""
+    import httpx
+
+    prompts = [api.tokenizer.encode("The capital of France is Paris"),
+               api.tokenizer.encode("Two plus two equals four")]
+    response = httpx.post(f"{api.url}/v1/completions", timeout=300, json={
+        "model": api.model, "prompt": prompts, "max_tokens": 1, "logprobs": 1, "echo": True,
+        "temperature": 0, "seed": 1234})
+    assert response.status_code == 200, response.text
+    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+    for prompt, choice in zip(prompts, choices):
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(prompt) + 1  # the prompt, then one token
+        assert logprobs["tokens"][:len(prompt)] == [api.tokenizer.decode([t]) for t in prompt]
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert all(v <= 0.0 for v in logprobs["token_logprobs"][1:])
+        assert choice["text"].startswith(api.tokenizer.decode(prompt))
+        for token, value, top in zip(logprobs["tokens"][1:], logprobs["token_logprobs"][1:],
+                                     logprobs["top_logprobs"][1:]):
+            assert top[token] == value and len(top) <= 2
+        # The generated token of a temperature-0 request is the argmax of pi: greedy in
+        # the harness's sense (its value is the largest of its top_logprobs).
+        last = logprobs["top_logprobs"][-1]
+        assert last[logprobs["tokens"][-1]] == max(last.values())
+        if _fake_logprob(api) is not None:
+            assert logprobs["token_logprobs"][1:] == pytest.approx(
+                [_fake_logprob(api)] * len(prompt))
+    # max_tokens 0: the prompt's values only.
+    only = httpx.post(f"{api.url}/v1/completions", timeout=300, json={
+        "model": api.model, "prompt": prompts[0], "max_tokens": 0, "logprobs": 0,
+        "echo": True}).json()
+    assert len(only["choices"][0]["logprobs"]["tokens"]) == len(prompts[0])
+    assert only["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        logprobs_of(choices[0])[1:len(prompts[0])])
+    assert only["usage"]["completion_tokens"] == 0
+
+
+def logprobs_of(choice: dict) -> list:
+    return choice["logprobs"]["token_logprobs"]
+
+
+def test_streamed_scoring_sends_the_scored_prompt_first(client, api):
+    chunks = list(client.completions.create(
+        model=api.model, prompt="Score this prompt", max_tokens=2, logprobs=1, echo=True,
+        stream=True, temperature=0, extra_body={"ignore_eos": True}))
+    first = next(c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs)
+    prompt_ids = api.tokenizer.encode("Score this prompt")
+    assert first.text == api.tokenizer.decode(prompt_ids)
+    assert first.logprobs.token_logprobs[0] is None
+    assert len(first.logprobs.tokens) == len(prompt_ids)
+    assert first.logprobs.text_offset[0] == 0

@@ -365,10 +365,12 @@ class VllmEngine:
             raise RuntimeError("engine not started")
         prompt = list(prompt_token_ids)
         vllm_prompt, first_token, forced = self._plan_prompt(prompt, sampling)
-        if sampling.max_tokens == 0 and first_token is None:  # a one-token prompt, scored
-            yield GenerationChunk([], "", finished=True, finish_reason="length",
-                                  stats=RequestStats(), prompt_tokens=len(prompt),
-                                  logprobs=[], prompt_logprobs=[TokenLogprob(prompt[0], None)])
+        if sampling.max_tokens == 0 and first_token is None:  # one prompt token, nothing to do
+            yield GenerationChunk(
+                [], "", finished=True, finish_reason="length", stats=RequestStats(),
+                prompt_tokens=len(prompt), logprobs=None if sampling.logprobs is None else [],
+                prompt_logprobs=([TokenLogprob(prompt[0], None)] if sampling.prompt_logprobs
+                                 else None))
             return
         params = self._sampling_params(request_id, sampling, alignment, first_token, forced)
         self._live[request_id] = RequestStats()
