@@ -35,17 +35,18 @@ def _free_port() -> int:
 
 
 def _launch(tiny_pair, directory: Path, port: int | None = None,
-            max_model_len: int = 512) -> dict:
+            max_model_len: int = 512, alignment: dict | None = None,
+            gamma: int = 3) -> dict:
     """`python -m server` on the tiny pair, in a session of its own (so that a test can
     signal its whole process group); its log goes to ``directory/server.log``."""
     port = port or _free_port()
     config = {
         "models": {"target": str(tiny_pair.target), "draft": str(tiny_pair.draft),
                    "served_model_name": "kad-tiny"},
-        "engine": {"num_speculative_tokens": 3, "dtype": "float32",
+        "engine": {"num_speculative_tokens": gamma, "dtype": "float32",
                    "max_model_len": max_model_len,
                    "cpu_kv_cache_gib": 1, "max_num_seqs": 32},
-        "alignment": {"rule": "kad_dual", "lam": 0.4},
+        "alignment": alignment or {"rule": "kad_dual", "lam": 0.4},
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 20},
     }
     path = directory / "config.yaml"
