@@ -86,6 +86,7 @@ class ReferenceDecoder:
         top_p: float = 1.0,
         top_k: int | None = None,
         eos_token_id: int | None = None,
+        repetition_penalty: float = 1.0,
     ) -> None:
         if rule not in TWO_MODEL_RULES:
             raise ValueError(f"the reference decoder serves the two-model rules, not {rule!r}")
@@ -95,6 +96,9 @@ class ReferenceDecoder:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.greedy = temperature == 0
         self.eos_token_id = eos_token_id
+        # On p only, before the temperature, over every token of the prefix (vLLM's
+        # repetition penalty: prompt and output tokens); ``next_distributions`` only.
+        self.repetition_penalty = repetition_penalty
 
     @classmethod
     def from_paths(cls, target: str | Path, draft: str | Path, rule: str, **kwargs) -> ReferenceDecoder:
@@ -126,8 +130,18 @@ class ReferenceDecoder:
         ids = torch.tensor([prefix_ids], device=device)
         target_logits = self.target.model(input_ids=ids).logits[0, -1].float()
         draft_logits = self.draft.model(input_ids=ids).logits[0, -1].float()
+        if self.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prefix_ids)), device=target_logits.device)
+            values = target_logits[seen]
+            target_logits[seen] = torch.where(values > 0, values / self.repetition_penalty,
+                                              values * self.repetition_penalty)
         p, q_star = self._distributions(target_logits, draft_logits)
         return p.cpu(), q_star.cpu(), mix(p, q_star, self.rule, self.param).cpu()
+
+    def _no_penalty(self, what: str) -> None:
+        if self.repetition_penalty != 1.0:
+            raise ValueError(f"{what} does not apply a repetition penalty; "
+                             "use next_distributions")
 
     def _pick(self, pi: torch.Tensor, generator: torch.Generator | None) -> int:
         if self.greedy:
@@ -139,6 +153,7 @@ class ReferenceDecoder:
     def generate_ar(
         self, prompt_ids: list[int], max_new_tokens: int, generator: torch.Generator | None = None
     ) -> DecodeResult:
+        self._no_penalty("generate_ar")
         start = time.perf_counter()
         self.target.reset()
         self.draft.reset()
@@ -168,6 +183,7 @@ class ReferenceDecoder:
         gamma: int = 5,
         generator: torch.Generator | None = None,
     ) -> DecodeResult:
+        self._no_penalty("generate_speculative")
         start = time.perf_counter()
         self.target.reset()
         self.draft.reset()

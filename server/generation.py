@@ -116,6 +116,7 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
         stop=body.stop_list,
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs,
+        repetition_penalty=body.repetition_penalty,
     )
 
 

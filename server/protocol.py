@@ -35,14 +35,14 @@ from server.errors import APIError
 UNSUPPORTED_FIELDS = (
     "tools", "tool_choice", "functions", "function_call", "logit_bias",
     "response_format", "best_of", "suffix", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "min_tokens", "guided_json", "guided_regex",
+    "frequency_penalty", "min_tokens", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "structured_outputs", "audio", "modalities",
     "prediction", "parallel_tool_calls",
 )
 # Harmless when set to their "off" value (clients often send these defaults explicitly).
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0), "best_of": (None, 1), "suffix": (None, ""),
+"best_of": (None, 1), "suffix": (None, ""),
     "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False),
     "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}), "min_tokens": (None, 0),
@@ -53,7 +53,7 @@ MAX_STOP = 8
 MAX_MESSAGES = 8192
 # Clients (and OpenAI itself) treat an explicit null as "use the default".
 _NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "ignore_eos", "max_tokens",
-                       "logprobs", "top_logprobs", "echo")
+                       "logprobs", "top_logprobs", "echo", "repetition_penalty")
 
 
 def _valid_unicode(value: str) -> str:
@@ -95,6 +95,9 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: StrictBool = False  # vLLM extension: generate max_tokens even past end-of-text
+    # vLLM extension: logits of tokens already in the prompt or output are divided (if
+    # positive) or multiplied by it, on p before mixing, as vLLM does for its target.
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, strict=True)
     kad: AlignmentSettings | None = None
 
     @model_validator(mode="before")
@@ -111,6 +114,10 @@ class _Common(BaseModel):
         for name in UNSUPPORTED_FIELDS:
             if name in extra and extra[name] not in _OFF_VALUES.get(name, (None,)):
                 message = f"field '{name}' is not supported by this server"
+                if name in ("presence_penalty", "frequency_penalty"):
+                    message += ("; repetition_penalty is (the engine counts the prompt's last "
+                                "token among the outputs, which would penalise it as "
+                                "generated)")
                 if name == "response_format":
                     kind = extra[name].get("type") if isinstance(extra[name], dict) else None
                     what = f"type {kind!r}" if isinstance(kind, str) else "this value"

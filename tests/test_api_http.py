@@ -165,6 +165,10 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"model": MODEL, "prompt": "x", "suffix": "end"}, 400, "suffix"),
     ({"model": MODEL, "prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "x", "frequency_penalty": -1.0}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": MODEL, "prompt": "x", "repetition_penalty": "1.2"}, 400, "repetition_penalty"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "echo"),
     ({"model": MODEL, "prompt": [99999]}, 400, "prompt"),
     ({"model": "other", "prompt": "x"}, 404, "model"),
     ({"model": MODEL, "prompt": " the" * 300}, 400, "prompt"),  # prompt alone too long

@@ -113,3 +113,29 @@ def test_long_prompts_shared_prefix_concurrency_8_are_all_exact(crowded_engine):
         assert result.stats.degraded == 0
         assert result.stats.emitted == len(result.token_ids)
     assert crowded_engine.engine.num_unfinished_requests() == 0
+
+
+def test_repetition_penalty_applies_to_p_before_mixing(production_engine, reference_factory):
+    """repetition_penalty 1.8 divides p's positive logits (multiplies negative ones) of the
+    prompt's tokens before mixing: the first token follows that pi, not the plain one."""
+    prompt = production_engine.engine.tokenizer.encode(PROMPT_TEXT)
+    # The prompt ends with p's own argmax, which the tiny target then repeats: the penalty
+    # moves most of p's mass.
+    p, _, _ = reference_factory("base").next_distributions(prompt)
+    prompt = prompt + [int(p.argmax())]
+    n = 2000
+    alignment = AlignmentSettings.paper_default("kad_dual")
+    results = production_engine.complete_many(
+        [prompt] * n,
+        [SamplingOptions(max_tokens=1, seed=300_000 + i, ignore_eos=True,
+                         repetition_penalty=1.8) for i in range(n)],
+        [alignment] * n, timeout=1800,
+    )
+    counts = Counter(r.token_ids[0] for r in results)
+    _, _, pi = reference_factory("kad_dual", alignment.param,
+                                 repetition_penalty=1.8).next_distributions(prompt)
+    _, _, plain = reference_factory("kad_dual", alignment.param).next_distributions(prompt)
+    assert 0.5 * float((pi - plain).abs().sum()) > 0.5  # the penalty matters here
+    assert pooled_chi_square_pvalue(counts, pi, n) > 1e-3
+    assert tv(counts, pi, n) < tv(counts, plain, n)
+    assert pooled_chi_square_pvalue(counts, plain, n) < 1e-6

@@ -94,7 +94,8 @@ def test_the_hook_is_active_in_an_engine_kad_serve_started(monkeypatch):
         assert vllm_patches._PROCESS.step is not None
         vllm_patches._wrap_rejection_sample(upstream_rejection)(
             None, [2], 2, None, q_star, target.clone(), None, None)
-        return SimpleNamespace(sampled_token_ids=torch.tensor([[1, 2, -1]]))
+        return SimpleNamespace(sampled_token_ids=torch.tensor([[1, 2, -1]]),
+                               logprobs_tensors=None)
 
     runner.optimistic_seq_lens_cpu = torch.tensor([10])
     runner.input_batch.num_prompt_tokens = torch.tensor([3]).numpy()

@@ -77,6 +77,7 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # on p before mixing, as vLLM applies it to its target
     # Logprobs of each generated token under pi (unscaled), with this many top
     # alternatives (0: the token's own only); None: no logprobs.
     logprobs: int | None = None

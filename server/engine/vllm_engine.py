@@ -331,6 +331,7 @@ class VllmEngine:
             # of the generated part is checked here, ``_ends_generation``).
             ignore_eos=sampling.ignore_eos or bool(forced),
             logprobs=sampling.logprobs,
+            repetition_penalty=sampling.repetition_penalty,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_ARGS_KEY: kad},

