@@ -37,6 +37,26 @@ def reference_factory(tiny_pair):
     return make
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_pair):
+    """The tiny pair's tokenizer (the aligned model's), as the fake-engine servers use."""
+    from fake_engine import load_tokenizer
+
+    return load_tokenizer(str(tiny_pair.draft))
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    """``(url, fake engine)``: the real app on the fake engine, ``max_model_len`` 256."""
+    from fake_engine import serve_fake
+    from waiting import wait_ready
+
+    thread, engine = serve_fake(tokenizer, max_model_len=256)
+    wait_ready(thread.url)
+    yield thread.url, engine
+    thread.stop()
+
+
 @pytest.fixture(scope="session")
 def production_engine(tiny_pair):
     """The engine at the shipped gamma 5 (multiprocess engine core), shared by tests."""

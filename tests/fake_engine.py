@@ -15,11 +15,18 @@ import math
 import random
 from collections import defaultdict
 
+import httpx
+
 from kad_kernels.rules import unserved_reason
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.interface import GenerationChunk, RequestStats, SamplingOptions, TokenLogprob
+from server.engine.interface import (
+    GenerationChunk,
+    RequestStats,
+    SamplingOptions,
+    TokenLogprob,
+)
 
 
 def word_tokens(tokenizer) -> list[int]:
@@ -180,3 +187,11 @@ def serve_fake(tokenizer, engine_options: dict | None = None, max_model_len: int
 
     app = create_app(fake_config(max_model_len, **server), engine_factory=factory)
     return ServerThread(app), engines[0]
+
+
+def post_json(url: str, path: str, body) -> httpx.Response:
+    """POST a JSON body (a dict, or raw bytes sent as they are: malformed JSON tests)."""
+    if isinstance(body, bytes):
+        return httpx.post(f"{url}{path}", content=body,
+                          headers={"content-type": "application/json"})
+    return httpx.post(f"{url}{path}", json=body)

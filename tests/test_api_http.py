@@ -10,23 +10,10 @@ import socket
 
 import httpx
 import pytest
-from fake_engine import MODEL, load_tokenizer, serve_fake
+from fake_engine import MODEL, post_json, serve_fake
 from waiting import wait_ready, wait_until
 
 MAX_MODEL_LEN = 256
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_pair):
-    return load_tokenizer(str(tiny_pair.draft))
-
-
-@pytest.fixture(scope="module")
-def served(tokenizer):
-    thread, engine = serve_fake(tokenizer, max_model_len=MAX_MODEL_LEN)
-    wait_ready(thread.url)
-    yield thread.url, engine
-    thread.stop()
 
 
 def sse_events(body: str) -> list[str]:
@@ -209,13 +196,6 @@ BAD_CHATS = [
 ]
 
 
-def _post(url: str, path: str, body) -> httpx.Response:
-    if isinstance(body, bytes):
-        return httpx.post(f"{url}{path}", content=body,
-                          headers={"content-type": "application/json"})
-    return httpx.post(f"{url}{path}", json=body)
-
-
 def _check_error(response: httpx.Response, status: int, field: str | None) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -231,12 +211,12 @@ def _check_error(response: httpx.Response, status: int, field: str | None) -> No
 
 @pytest.mark.parametrize(("body", "status", "field"), BAD_COMPLETIONS)
 def test_completion_errors(served, body, status, field):
-    _check_error(_post(served[0], "/v1/completions", body), status, field)
+    _check_error(post_json(served[0], "/v1/completions", body), status, field)
 
 
 @pytest.mark.parametrize(("body", "status", "field"), BAD_CHATS)
 def test_chat_errors(served, body, status, field):
-    _check_error(_post(served[0], "/v1/chat/completions", body), status, field)
+    _check_error(post_json(served[0], "/v1/chat/completions", body), status, field)
 
 
 def test_unknown_route_method_and_model_codes(served):
