@@ -50,15 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no torch.compile (a real pair on a small CPU starts minutes sooner)")
     parser.add_argument("--device", default="cpu", help="informational: vLLM picks its device")
     parser.add_argument("--json", help="write the records here")
 
 
-def _config(target: str, draft: str, gamma: int, dtype: str) -> ServeConfig:
+def _config(target: str, draft: str, gamma: int, args: argparse.Namespace) -> ServeConfig:
     return ServeConfig.model_validate({
         "models": {"target": target, "draft": draft},
-        "engine": {"num_speculative_tokens": gamma, "dtype": dtype, "max_model_len": 1024,
-                   "cpu_kv_cache_gib": 2, "max_num_seqs": 64},
+        "engine": {"num_speculative_tokens": gamma, "dtype": args.dtype, "max_model_len": 1024,
+                   "cpu_kv_cache_gib": 2, "max_num_seqs": 64,
+                   "enforce_eager": args.enforce_eager},
     })
 
 
@@ -209,10 +212,10 @@ def run(args: argparse.Namespace) -> int:
     parsed = [(system, *_parse_system(system)) for system in args.systems]
     records: list[dict[str, Any]] = []
     if any(kind == "vllm-ar" for _, kind, _ in parsed):
-        records += _bench_plain(_config(target, draft, args.gamma[0], args.dtype), args, tokenizer)
+        records += _bench_plain(_config(target, draft, args.gamma[0], args), args, tokenizer)
     spec = [(system, alignment) for system, kind, alignment in parsed if kind == "spec"]
     for gamma in args.gamma if spec else []:
-        background = BackgroundEngine(build_engine(_config(target, draft, gamma, args.dtype)))
+        background = BackgroundEngine(build_engine(_config(target, draft, gamma, args)))
         background.start(timeout=900)
         try:
             for concurrency in args.concurrency:
