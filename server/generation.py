@@ -258,16 +258,13 @@ def _echo_text(job: Job, choice: Choice) -> str:
     return job.tokenizer.decode(choice.echo_ids) if choice.echo_ids else ""
 
 
-def _token_text(job: Job, token_id: int) -> str:
-    return job.tokenizer.decode([token_id])
-
-
 def _logprobs(job: Job, choice: Choice, entries: list[TokenLogprob]) -> dict[str, Any] | None:
     """A choice's (or a delta's) logprobs object, None when the request asked for none."""
     if job.num_logprobs is None:
         return None
+
     def token_text(token_id: int) -> str:
-        return _token_text(job, token_id)
+        return job.tokenizer.decode([token_id])
 
     if job.kind == "chat.completion":
         return chat_logprobs(entries, token_text, job.num_logprobs)

@@ -350,8 +350,8 @@ def unscaled_log_pi(
     target_logits: torch.Tensor,
     q_star: torch.Tensor,
     temperature: torch.Tensor,
-    rules: list[str],
-    params: torch.Tensor,
+    rows: list[RowAlignment | None],
+    owners: np.ndarray,
 ) -> torch.Tensor:
     """``log pi`` ``[n, V]`` built from the *unscaled* distributions (temperature 1, no
     top-k/top-p), whatever the request samples with: what logprobs report, as vLLM's
@@ -360,20 +360,19 @@ def unscaled_log_pi(
     ``target_logits`` are the target's raw logits, ``q_star`` the draft's distribution at
     the request's ``temperature`` T (vLLM's drafter divides by T): ``q = q_T ** T``
     renormalised recovers the unscaled q* exactly (tokens whose q_T underflowed to 0 keep
-    q = 0, below 1e-30 of mass). ``rules[i]``/``params[i]`` are row i's rule and parameter
-    (NaN: none). A row with non-finite inputs gets ``log p``.
+    q = 0, below 1e-30 of mass). Position i belongs to batch row ``owners[i]``, whose
+    rule and parameter apply. A row with non-finite inputs gets ``log p``.
     """
     logits = target_logits.float().clone()
     log_q = q_star.float().log().mul_(temperature.float().unsqueeze(-1))
     q = log_q.sub_(log_q.amax(dim=-1, keepdim=True)).exp_()
     out = torch.empty_like(logits)
-    rule_of = np.array(rules, dtype=object)
-    for rule in sorted(set(rules)):
+    rule_of = np.array([rows[o].rule for o in owners], dtype=object)
+    for rule in sorted(set(rule_of)):
         group = np.nonzero(rule_of == rule)[0]
         index = torch.from_numpy(group).to(logits.device)
-        param = params.index_select(0, index).unsqueeze(-1)
         log_pi, _, _ = mix_rows(logits.index_select(0, index), q.index_select(0, index),
-                                rule, None if torch.isnan(param).all() else param, None)
+                                rule, _params(rows, owners[group], logits.device), None)
         out.index_copy_(0, index, log_pi)
     return out.log_softmax(dim=-1)
 

@@ -381,7 +381,8 @@ class VllmEngine:
         # Scoring: the prompt's entries (its first token has none), delivered once complete.
         scored: list[TokenLogprob] | None = (
             [TokenLogprob(prompt[0], None)] if sampling.prompt_logprobs else None)
-        to_score = len(forced) + int(bool(forced) or (scored is not None and to_skip))
+        # Outputs that are prompt tokens: the withheld one, then the forced ones.
+        to_score = to_skip + len(forced) if scored is not None else 0
         generated = 0  # tokens vLLM produced for this request (after the withheld one)
         finish_reason: str | None = None
         finished_cleanly = False
@@ -399,8 +400,9 @@ class VllmEngine:
                     scored += _token_logprobs(new_ids[:taken], positions, sampling.logprobs)
                     new_ids, to_score = new_ids[taken:], to_score - taken
                     positions = positions and positions[taken:]
-                    generated += taken - to_skip
-                    to_skip = 0
+                    withheld = min(to_skip, taken)
+                    generated += taken - withheld
+                    to_skip -= withheld
                     if to_score and not output.finished:
                         continue
                 elif to_skip:

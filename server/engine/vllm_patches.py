@@ -161,18 +161,17 @@ def _row_settings(runner: Any) -> list[hook.RowAlignment | None]:
     return rows
 
 
-def _first_step_flags(runner: Any, num_reqs: int, num_draft_tokens: list[int]) -> list[bool]:
-    """Whether each row's scheduled tokens end exactly at its prompt's end this step.
+def _output_lens(runner: Any, num_reqs: int, num_draft_tokens: list[int]) -> np.ndarray:
+    """Tokens each row output before this step: its sequence before this step's drafts,
+    less the prompt vLLM was given (0: this step samples the row's first output token).
 
     ``optimistic_seq_lens_cpu`` counts scheduled drafts too: a request admitted with one
     prompt token left (prefix-cache hit) is padded with placeholder drafts by the
-    scheduler, so its drafts are subtracted before comparing with the prompt length.
+    scheduler, so drafts are subtracted before comparing with the prompt length.
     """
     seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs].numpy() - np.asarray(
-        num_draft_tokens, dtype=np.int64
-    )
-    prompt_lens = runner.input_batch.num_prompt_tokens[:num_reqs]
-    return (seq_lens == prompt_lens).tolist()
+        num_draft_tokens, dtype=np.int64)
+    return seq_lens - runner.input_batch.num_prompt_tokens[:num_reqs]
 
 
 def _emitting_flags(runner: Any, num_reqs: int) -> list[bool]:
@@ -261,14 +260,16 @@ def _wrap_sample(original):
             else:
                 bonus_rows = (np.cumsum(drafts) + np.arange(num_reqs)).tolist()
         state = hook.StepState(rows=rows, num_draft_tokens=drafts)
-        first = _first_step_flags(self, num_reqs, drafts)
+        output_lens = _output_lens(self, num_reqs, drafts)
+        first = (output_lens == 0).tolist()
         emitting = _emitting_flags(self, num_reqs)
         plain = [i for i, row in enumerate(rows) if row is not None and row.mixes
                  and drafts[i] == 0 and emitting[i]
                  and not (first[i] and row.first_token is not None)]
         raw_logits = logits
         verified = spec_decode_metadata
-        if spec_decode_metadata is None and (plain or _wants_logprobs(rows)):
+        wants_logprobs = _wants_logprobs(rows)
+        if spec_decode_metadata is None and (plain or wants_logprobs):
             # vLLM's plain sampler divides float32 logits by the temperature in place;
             # resampling from pi and logprobs need the raw target.
             logits = logits.clone()
@@ -281,7 +282,6 @@ def _wrap_sample(original):
             _resample_plain_rows(self, raw_logits, output, bonus_rows, plain, state)
         scoring = any(row is not None and row.forced for row in rows)
         if scoring:
-            output_lens = _output_lens(self, num_reqs, drafts)
             _force_prompt_tokens(output.sampled_token_ids, rows, drafts, verified, output_lens)
         stats = hook.finalize_step(output.sampled_token_ids, raw_logits, bonus_rows, first,
                                    emitting, state)
@@ -293,7 +293,7 @@ def _wrap_sample(original):
                                        self.speculative_config.num_speculative_tokens)
             if table is not None:
                 _PROCESS.forced_drafts = torch.from_numpy(table).to(logits.device)
-        if output.logprobs_tensors is not None and _wants_logprobs(rows):
+        if output.logprobs_tensors is not None and wants_logprobs:
             _logprobs_under_pi(self, output, raw_logits, bonus_rows, state)
         _report(stats, settings)
         return output
@@ -305,14 +305,6 @@ def _wrap_sample(original):
 def _wants_logprobs(rows: list[hook.RowAlignment | None]) -> bool:
     return any(row is not None and (row.mixes or row.forced) and row.logprobs is not None
                for row in rows)
-
-
-def _output_lens(runner: Any, num_reqs: int, num_draft_tokens: list[int]) -> np.ndarray:
-    """Tokens each row output before this step (the sequence before its drafts, less the
-    prompt vLLM was given)."""
-    seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs].numpy() - np.asarray(
-        num_draft_tokens, dtype=np.int64)
-    return seq_lens - runner.input_batch.num_prompt_tokens[:num_reqs]
 
 
 def _force_prompt_tokens(sampled: torch.Tensor, rows: list[hook.RowAlignment | None],
@@ -377,12 +369,9 @@ def _logprobs_under_pi(runner: Any, output: Any, raw_logits: torch.Tensor,
     owner_index = torch.as_tensor(owners, device=device)
     temperature = (torch.ones(len(owners), device=device) if metadata.temperature is None
                    else metadata.temperature.index_select(0, owner_index))
-    params = torch.tensor([np.nan if state.rows[i].param is None else state.rows[i].param
-                           for i in owners], dtype=torch.float32, device=device)
     log_pi = hook.unscaled_log_pi(
         raw_logits.index_select(0, torch.as_tensor(logit_rows, device=device)),
-        torch.cat(q_parts).to(device), temperature, [state.rows[i].rule for i in owners],
-        params,
+        torch.cat(q_parts).to(device), temperature, state.rows, np.asarray(owners),
     )
     _write_logprobs(tensors, torch.as_tensor(out_rows, device=device), log_pi,
                     output.sampled_token_ids, num_logprobs)
