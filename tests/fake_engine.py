@@ -195,3 +195,19 @@ def post_json(url: str, path: str, body) -> httpx.Response:
         return httpx.post(f"{url}{path}", content=body,
                           headers={"content-type": "application/json"})
     return httpx.post(f"{url}{path}", json=body)
+
+
+def check_openai_error(response: httpx.Response, status: int, field: str | None) -> None:
+    """An error response in OpenAI's shape, naming ``field`` (in ``param`` or the message),
+    with none of pydantic's or FastAPI's internals showing through."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert "pydantic" not in response.text and "errors.pydantic.dev" not in response.text
+    assert "detail" not in response.json() and "loc" not in error
+    assert "None" not in error["message"]
+    if field:
+        assert field in (error["param"] or "") + error["message"], error
+    # No pydantic internals: union members ("prompt.list[int].0"), stack-trace pointers.
+    assert "[" not in (error["param"] or "") and "stack trace" not in error["message"]
