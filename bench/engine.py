@@ -10,7 +10,9 @@ Systems, on the same prompts and models:
   research-code baseline.
 
 Each system runs at each concurrency (requests in flight) and gamma; the result is
-tokens/s over the whole run (median of repeats) and the acceptance rate accepted/drafted.
+tokens/s over the whole run (median of repeats), the acceptance rate accepted/drafted and
+the mean deferred mass (alpha per verified position; 0 for ``base``), both pooled over the
+repeats.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
-from server.engine.interface import SamplingOptions
+from server.engine.interface import RequestStats, SamplingOptions
 
 PROMPTS = [
     "Question: Natalia sold clips to 48 of her friends in April. How many clips?",
@@ -85,16 +87,23 @@ def _workload(tokenizer, concurrency: int, per_slot: int) -> list[list[int]]:
 
 
 def _record(system: str, alignment: AlignmentSettings | None, gamma: int | None,
-            concurrency: int, runs: list[tuple[float, float | None]]) -> dict[str, Any]:
+            concurrency: int, runs: list[tuple[float, RequestStats | None]]) -> dict[str, Any]:
+    """One table row: median tokens/s of the repeats; acceptance and mean deferred mass
+    over all repeats' verified positions together (None where nothing was drafted)."""
     rates = [r for r, _ in runs]
-    acceptance = [a for _, a in runs if a is not None]
+    totals = RequestStats()
+    for _, stats in runs:
+        if stats is not None:
+            totals.add(stats)
+    drafted = totals.drafted > 0
     return {
         "system": system,
         "rule": None if alignment is None else alignment.rule,
         "param": None if alignment is None else alignment.param,
         "gamma": gamma, "concurrency": concurrency,
         "tokens_per_s": statistics.median(rates),
-        "acceptance_rate": statistics.median(acceptance) if acceptance else None,
+        "acceptance_rate": totals.acceptance_rate if drafted else None,
+        "mean_deferred_mass": totals.mean_alpha if drafted else None,
         "repeats": rates,
     }
 
@@ -107,9 +116,11 @@ def _run_spec(background, prompts, alignment, max_tokens, concurrency, seed0):
                                        concurrency=concurrency)
     elapsed = time.perf_counter() - start
     tokens = sum(len(r.token_ids) for r in results)
-    drafted = sum(r.stats.drafted for r in results if r.stats)
-    accepted = sum(r.stats.accepted for r in results if r.stats)
-    return tokens / elapsed, (accepted / drafted if drafted else None)
+    totals = RequestStats()
+    for result in results:
+        if result.stats:
+            totals.add(result.stats)
+    return tokens / elapsed, totals
 
 
 async def _plain_vllm_run(llm, prompts, max_tokens, concurrency, seed0) -> float:
@@ -172,13 +183,13 @@ def _bench_reference(target: str, draft: str, args, tokenizer) -> list[dict[str,
     for r in range(args.repeats):
         gen = torch.Generator().manual_seed(r)
         start = time.perf_counter()
-        tokens = drafted = accepted = 0
+        totals = RequestStats()
         for prompt in prompts:
             result = decoder.generate_speculative(prompt, args.max_tokens, gamma, gen)
-            tokens += result.emitted
-            drafted += result.drafted
-            accepted += result.accepted
-        runs.append((tokens / (time.perf_counter() - start), accepted / drafted))
+            totals.add(RequestStats(drafted=result.drafted, accepted=result.accepted,
+                                    emitted=result.emitted, positions=len(result.alphas),
+                                    alpha_sum=sum(result.alphas)))
+        runs.append((totals.emitted / (time.perf_counter() - start), totals))
     # Batch 1 by construction: its throughput is the same at every concurrency.
     for concurrency in args.concurrency:
         records.append(_record("reference", AlignmentSettings(rule="kad_dual", lam=0.4),
@@ -188,11 +199,12 @@ def _bench_reference(target: str, draft: str, args, tokenizer) -> list[dict[str,
 
 
 def _print(record: dict[str, Any]) -> None:
-    acceptance = record["acceptance_rate"]
+    acceptance, deferred = record["acceptance_rate"], record["mean_deferred_mass"]
     spread = max(record["repeats"]) - min(record["repeats"])
     print(f"{record['system']:<24} gamma={record['gamma']!s:<4} conc={record['concurrency']:<3} "
           f"{record['tokens_per_s']:>9.1f} tok/s (±{spread / 2:.1f})  acceptance="
-          f"{'-' if acceptance is None else f'{acceptance:.3f}'}", flush=True)
+          f"{'-' if acceptance is None else f'{acceptance:.3f}'}  deferred mass="
+          f"{'-' if deferred is None else f'{deferred:.3f}'}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
