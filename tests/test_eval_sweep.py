@@ -61,10 +61,13 @@ class StubServer:
             if status != 200 and (times < 0 or self.served[key] <= times):
                 return status, {"error": {"message": f"planned {status}", "type": "stub"}}
         text = self.replies.get(key, "I do not know.")
+        words = text.split()
+        cut = len(words) > body.get("max_tokens", len(words))  # a "token" is a word here
+        text = " ".join(words[:body["max_tokens"]]) if cut else text
         response: dict[str, Any] = {
             "id": f"chatcmpl-{len(self.calls)}", "object": "chat.completion", "created": 0,
             "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
+            "choices": [{"index": 0, "finish_reason": "length" if cut else "stop",
                          "message": {"role": "assistant", "content": text}}],
             "usage": {"prompt_tokens": 20, "completion_tokens": len(text.split()),
                       "total_tokens": 20 + len(text.split())},
@@ -155,6 +158,23 @@ def run_eval(server_url: str, data_dir: Path, out: Path, *extra: str) -> int:
                           "--no-progress", *extra])
 
 
+def test_answers_cut_at_max_tokens_are_counted_per_task_and_in_the_table(stub, tmp_path,
+                                                                         capsys):
+    """At 8 "tokens" three GSM8K replies (11, 9 and 9 words) end with finish_reason length."""
+    write_data(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_eval(stub().url, tmp_path / "data", out, "--limit", "5", "--rule", "base",
+                    "--max-tokens", "8") == 0
+    summary = json.loads((out / "summary.json").read_text())["base"]
+    assert (summary["gsm8k"]["cut"], summary["svamp"]["cut"]) == (3, 0)
+    records = read_jsonl(out / "gsm8k__base.jsonl")
+    assert sorted(r["id"] for r in records if r["finish_reason"] == "length") == \
+        ["gsm8k-0", "gsm8k-1", "gsm8k-2"]
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| base |")).split(" | ")
+    assert row[-2:] == ["3", "0 |"]
+
+
 def test_settings_pair_params_with_the_preceding_rule():
     parser = eval_cli.build_parser()
     args = parser.parse_args(["--task", "t", "--rule", "base", "--rule", "kad_dual",
@@ -196,12 +216,12 @@ def test_sweep_writes_comparison_table_and_per_item_jsonl(stub, tmp_path, capsys
     assert table == capsys.readouterr().out
     lines = table.splitlines()
     assert lines[0] == ("| setting | gsm8k | svamp | avg | acceptance | deferred mass | tok/s "
-                        "| failed |")
+                        "| cut | failed |")
     low, high = wilson(3, 5)
     row = next(line for line in lines if line.startswith("| kad_dual 0.3 |")).split(" | ")
     assert row[1] == f"60.0 [{100 * low:.1f}, {100 * high:.1f}]"
     assert row[2].startswith("80.0 [") and row[3] == "70.0"
-    assert row[4:6] == ["0.800", "0.250"] and row[-1] == "0 |"
+    assert row[4:6] == ["0.800", "0.250"] and row[-2:] == ["0", "0 |"]
 
     records = read_jsonl(out / "gsm8k__kad_dual_0.4.jsonl")
     assert len(records) == 5

@@ -22,7 +22,9 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """One task under one setting. Failed requests count as wrong (and as ``errors``)."""
+    """One task under one setting. Failed requests count as wrong (and as ``errors``);
+    ``cut``: answers that ended at ``max_tokens`` (finish reason ``length``), which can lose
+    a final answer and so read as wrong."""
     rows = list(records)
     correct = sum(bool(r.get("correct")) for r in rows)
     stats = [r["kad"] for r in rows if isinstance(r.get("kad"), dict)]
@@ -35,6 +37,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     low, high = wilson(correct, len(rows))
     return {
         "items": len(rows), "correct": correct, "errors": sum(bool(r.get("error")) for r in rows),
+        "cut": sum(r.get("finish_reason") == "length" for r in rows),
         "accuracy": correct / len(rows) if rows else 0.0, "ci95": [low, high],
         "drafted_tokens": drafted, "accepted_tokens": accepted,
         "acceptance_rate": accepted / drafted if drafted else None,
@@ -62,10 +65,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def comparison_table(summaries: dict[str, dict[str, dict[str, Any]]], tasks: list[str]) -> str:
-    """Markdown: accuracy % [Wilson 95%] per task, average, pooled alignment stats."""
+    """Markdown: accuracy % [Wilson 95%] per task, average, pooled alignment stats, answers
+    cut at ``max_tokens`` and failed requests (both summed over tasks)."""
     header = ("| setting | " + " | ".join(tasks)
-              + " | avg | acceptance | deferred mass | tok/s | failed |")
-    lines = [header, "|" + "---|" * (len(tasks) + 6)]
+              + " | avg | acceptance | deferred mass | tok/s | cut | failed |")
+    lines = [header, "|" + "---|" * (len(tasks) + 7)]
     for label, per_task in summaries.items():
         cells, accs, present = [], [], []
         for task in tasks:
@@ -80,10 +84,11 @@ def comparison_table(summaries: dict[str, dict[str, dict[str, Any]]], tasks: lis
         pooled = _pooled(present)
         avg = 100 * sum(accs) / len(accs) if accs else None
         failed = sum(s["errors"] for s in present)
+        cut = sum(s.get("cut", 0) for s in present)
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {_fmt(avg, '.1f')} | "
             f"{_fmt(pooled['acceptance_rate'], '.3f')} | "
             f"{_fmt(pooled['mean_deferred_mass'], '.3f')} | "
-            f"{_fmt(pooled['tokens_per_s'], '.1f')} | {failed} |"
+            f"{_fmt(pooled['tokens_per_s'], '.1f')} | {cut} | {failed} |"
         )
     return "\n".join(lines)
