@@ -559,24 +559,6 @@ def _forced(next_token_ids: torch.Tensor, call: int, aligned_batch: bool) -> tor
     return torch.where(column >= 0, column.to(next_token_ids.dtype), next_token_ids)
 
 
-def patched_functions() -> dict[str, Any]:
-    """Every function ``install`` patches, by its dotted upstream name (what it installed)."""
-    from vllm.v1.sample import rejection_sampler
-    from vllm.v1.spec_decode import llm_base_proposer
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    return {
-        f"{GPUModelRunner.__module__}.GPUModelRunner.{name}": getattr(GPUModelRunner, name)
-        for name in _RUNNER_PATCHES
-    } | {
-        f"{rejection_sampler.__name__}.{name}": getattr(rejection_sampler, name)
-        for name in _REJECTION_PATCHES
-    } | {
-        f"{llm_base_proposer.__name__}.{name}": getattr(llm_base_proposer, name)
-        for name in _PROPOSER_PATCHES
-    }
-
-
 _RUNNER_PATCHES = {
     "_sample": _wrap_sample,
     "_copy_draft_token_ids_to_cpu": _wrap_copy_draft_token_ids_to_cpu,
@@ -592,6 +574,25 @@ _PROPOSER_PATCHES = {
 }
 
 
+def _patch_targets() -> list[tuple[Any, str, dict[str, Any]]]:
+    """``(owner, its dotted name, {attribute: wrapper})`` for every class/module patched."""
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.spec_decode import llm_base_proposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return [
+        (GPUModelRunner, f"{GPUModelRunner.__module__}.GPUModelRunner", _RUNNER_PATCHES),
+        (rejection_sampler, rejection_sampler.__name__, _REJECTION_PATCHES),
+        (llm_base_proposer, llm_base_proposer.__name__, _PROPOSER_PATCHES),
+    ]
+
+
+def patched_functions() -> dict[str, Any]:
+    """Every function ``install`` patches, by its dotted upstream name (what it installed)."""
+    return {f"{dotted}.{name}": getattr(owner, name)
+            for owner, dotted, patches in _patch_targets() for name in patches}
+
+
 def install() -> bool:
     """Install the hook in this process (idempotent); False if it was already installed.
 
@@ -599,18 +600,13 @@ def install() -> bool:
     wrappers call the originals; ``expand_batch_to_tokens`` is an exact fix on every
     device), so a plain ``vllm serve`` in the same environment behaves as upstream.
     """
-    from vllm.v1.sample import rejection_sampler
-    from vllm.v1.spec_decode import llm_base_proposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     check_pinned_internals()
     if hasattr(GPUModelRunner._sample, "__kad_original__"):
         return False
-    for name, wrap in _RUNNER_PATCHES.items():
-        setattr(GPUModelRunner, name, wrap(getattr(GPUModelRunner, name)))
-    for name, wrap in _REJECTION_PATCHES.items():
-        setattr(rejection_sampler, name, wrap(getattr(rejection_sampler, name)))
-    for name, wrap in _PROPOSER_PATCHES.items():
-        setattr(llm_base_proposer, name, wrap(getattr(llm_base_proposer, name)))
+    for owner, _, patches in _patch_targets():
+        for name, wrap in patches.items():
+            setattr(owner, name, wrap(getattr(owner, name)))
     logger.info("kad-serve verification hook installed (active in engines kad-serve starts)")
     return True
