@@ -22,6 +22,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,21 @@ def _workload(tokenizer, concurrency: int, per_slot: int) -> list[list[int]]:
     return [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
 
 
+def _pooled(stats: Iterable[RequestStats | None]) -> RequestStats:
+    """The sum of the given statistics (None: a request or run without any)."""
+    totals = RequestStats()
+    for item in stats:
+        if item is not None:
+            totals.add(item)
+    return totals
+
+
 def _record(system: str, alignment: AlignmentSettings | None, gamma: int | None,
             concurrency: int, runs: list[tuple[float, RequestStats | None]]) -> dict[str, Any]:
     """One table row: median tokens/s of the repeats; acceptance and mean deferred mass
     over all repeats' verified positions together (None where nothing was drafted)."""
     rates = [r for r, _ in runs]
-    totals = RequestStats()
-    for _, stats in runs:
-        if stats is not None:
-            totals.add(stats)
+    totals = _pooled(stats for _, stats in runs)
     drafted = totals.drafted > 0
     return {
         "system": system,
@@ -116,11 +123,7 @@ def _run_spec(background, prompts, alignment, max_tokens, concurrency, seed0):
                                        concurrency=concurrency)
     elapsed = time.perf_counter() - start
     tokens = sum(len(r.token_ids) for r in results)
-    totals = RequestStats()
-    for result in results:
-        if result.stats:
-            totals.add(result.stats)
-    return tokens / elapsed, totals
+    return tokens / elapsed, _pooled(r.stats for r in results)
 
 
 async def _plain_vllm_run(llm, prompts, max_tokens, concurrency, seed0) -> float:
