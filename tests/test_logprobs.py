@@ -132,3 +132,54 @@ def test_prompt_scoring_with_no_generation(production_engine, reference_factory)
     _, _, pi = reference.next_distributions(prompt[:-1])
     assert abs(result.prompt_logprobs[-1].logprob - math.log(float(pi[prompt[-1]]))) \
         < TOLERANCE
+
+
+def test_scoring_joining_a_running_batch_is_exact(production_engine, reference_factory):
+    """Scoring requests that arrive while other requests decode (lm-evaluation-harness with
+    ``num_concurrent`` > 1, or scoring beside chat traffic): each joins with its one-token
+    prompt padded with placeholder drafts, which once let a sampled token replace prompt
+    token 2 and shifted every value after it. Every scored position from 2 on must be
+    log pi, for every request, rule and sampling setting."""
+    import asyncio
+    import random
+
+    rng = random.Random(19)
+    vocab = production_engine.engine.tokenizer.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randrange(20, 60))]
+               for _ in range(24)]
+    rules = ["kad_dual", "confidence_bet"]
+    samplings = ["greedy", "t0.7-topk-topp"]
+    settings = [(rules[i % 2], samplings[(i // 2) % 2]) for i in range(len(prompts))]
+
+    async def load():
+        streams = [production_engine.complete(
+            [rng.randrange(3, vocab) for _ in range(12)],
+            SamplingOptions(max_tokens=200, temperature=0.8, seed=i, ignore_eos=True),
+            AlignmentSettings.paper_default(rules[i % 2])) for i in range(4)]
+
+        async def score(i):
+            await asyncio.sleep(0.05 * (i + 1))
+            rule, sampling = settings[i]
+            return await production_engine.complete(
+                prompts[i], SamplingOptions(max_tokens=1, seed=1234, logprobs=1,
+                                            prompt_logprobs=True, **SAMPLINGS[sampling]),
+                AlignmentSettings.paper_default(rule))
+
+        results = await asyncio.gather(*streams, *(score(i) for i in range(len(prompts))))
+        return results[len(streams):]
+
+    results = production_engine.run(load(), timeout=900)
+    references = {rule: reference_factory(rule, AlignmentSettings.paper_default(rule).param,
+                                          temperature=1.0) for rule in rules}
+    for prompt, (rule, sampling), result in zip(prompts, settings, results):
+        scores = result.prompt_logprobs
+        assert [entry.token_id for entry in scores] == prompt, (rule, sampling)
+        assert result.stats.inexact == 0 and result.stats.degraded == 0
+        for t in range(2, len(prompt)):
+            _, _, pi = references[rule].next_distributions(prompt[:t])
+            want = float(pi[prompt[t]])
+            # Random prompts reach tokens of pi ~ 1e-10, whose float32 logs carry ~1e-4
+            # relative noise: log pi to TOLERANCE where pi > 1e-3, pi itself to 1e-5 everywhere.
+            assert abs(math.exp(scores[t].logprob) - want) < 1e-5, (rule, sampling, t)
+            if want > 1e-3:
+                assert abs(scores[t].logprob - math.log(want)) < TOLERANCE, (rule, sampling, t)

@@ -196,3 +196,39 @@ def test_partial_prefill_rows_emit_nothing_and_count_nothing():
     sampled = torch.tensor([[3]], dtype=torch.int32)
     stats = finalize_step(sampled, torch.zeros(1, VOCAB), None, [False], [False], state)
     assert stats == []
+
+
+def test_a_padded_first_step_emits_the_withheld_token_alone():
+    """A request admitted with one token to compute joins a running batch with ``-1``
+    padding drafts; vLLM's CPU kernel can accept a ``-1`` and then sample slot 1 after a
+    placeholder context (seen as a scored prompt whose token 2 was a sample, and every
+    value after it wrong). The first step emits the withheld token and nothing else."""
+    rows = [_row("kad_dual", 0.4, first_token=42), _row("kad_dual", 0.4)]
+    state = StepState(rows=rows, num_draft_tokens=[3, 2], padded_rows=frozenset({0}))
+    sampled = _sampled([[PLACEHOLDER, 13], [4, 5, 6]], 4)
+    stats = finalize_step(sampled, torch.zeros(3 + 2 + 2, VOCAB), [3, 6], [True, False],
+                          [True, True], state)
+    assert sampled[0].tolist() == [42, PLACEHOLDER, PLACEHOLDER, PLACEHOLDER]
+    assert [(s.request_id, s.drafted, s.emitted) for s in stats] == [("r-kad_dual", 2, 2)]
+
+
+def test_a_padded_row_keeps_its_first_position_only_and_counts_no_drafts():
+    """A padded row later in its life (resumed with one token left): one token, sampled at
+    its first position; its placeholder 'drafts' are not counted as drafted or accepted."""
+    rows = [_row("base")]
+    state = StepState(rows=rows, num_draft_tokens=[3], padded_rows=frozenset({0}))
+    sampled = _sampled([[7, 13, 2]], 4)
+    stats = finalize_step(sampled, torch.zeros(4, VOCAB), [3], [False], [True], state)
+    assert sampled[0].tolist() == [7, PLACEHOLDER, PLACEHOLDER, PLACEHOLDER]
+    assert [(s.drafted, s.accepted, s.emitted, s.positions) for s in stats] == [(0, 0, 1, 0)]
+
+
+def test_a_greedy_padded_row_takes_the_argmax_at_its_first_position():
+    rows = [_row("kad_dual", 0.4, greedy=True)]
+    state = StepState(rows=rows, num_draft_tokens=[2], padded_rows=frozenset({0}))
+    logits = torch.zeros(3, VOCAB)
+    logits[0, 5] = 9.0  # first position: where the row's token is sampled
+    logits[2, 7] = 9.0  # the bonus position, after two placeholders
+    sampled = _sampled([[1, 2]], 3)
+    finalize_step(sampled, logits, [2], [False], [True], state)
+    assert sampled[0].tolist() == [5, PLACEHOLDER, PLACEHOLDER]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,7 +54,7 @@ def _fake_runner(additional_config):
 
     runner = SimpleNamespace(
         vllm_config=SimpleNamespace(additional_config=additional_config),
-        input_batch=SimpleNamespace(req_ids=["r"]),
+        input_batch=SimpleNamespace(req_ids=["r"], spec_token_ids=[[4, 2]]),
         requests={"r": request},
     )
     return runner, original, calls
@@ -193,3 +194,30 @@ def test_the_memory_profile_run_exercises_the_hook(monkeypatch):
 
 def test_profile_hook_memory_runs_the_real_mixture():
     vllm_patches.profile_hook_memory(4, 3, 50, torch.device("cpu"))
+
+
+def test_a_discarded_seeded_row_draws_nothing_from_its_generator():
+    """A partial prefill chunk's sample is discarded: the step (vLLM's sampler, the hook's
+    drafter, vLLM's bookkeeping) must leave that row's generator exactly as it was, on a
+    CPU generator too (no offset rewind), while a kept row's generator advances."""
+    kept, discarded = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    before = {"kept": kept.get_state(), "discarded": discarded.get_state()}
+    runner = SimpleNamespace(
+        vllm_config=SimpleNamespace(additional_config=HookSettings()),
+        input_batch=SimpleNamespace(num_reqs=2, generators={0: kept, 1: discarded}),
+        discard_request_mask=SimpleNamespace(np=np.array([False, True, False])),
+    )
+
+    def upstream_step(self, grammar_output):
+        # Upstream draws for every seeded row of the batch (sampler and drafter alike),
+        # then rewinds discarded rows' CUDA offsets (``_bookkeeping_sync``).
+        for row, generator in self.input_batch.generators.items():
+            torch.rand(8, generator=generator)
+            if self.discard_request_mask.np[row]:
+                generator.set_offset(generator.get_offset() - 4)
+        return "output"
+
+    assert vllm_patches._wrap_sample_tokens(upstream_step)(runner, None) == "output"
+    assert runner.input_batch.generators == {0: kept, 1: discarded}
+    assert torch.equal(discarded.get_state(), before["discarded"])
+    assert not torch.equal(kept.get_state(), before["kept"])

@@ -22,7 +22,7 @@ Plain tensor code; ``vllm_patches`` wires it in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 
@@ -68,6 +68,7 @@ class DraftProbStore:
         self,
         req_ids: Sequence[str],
         num_draft_tokens: Sequence[int],
+        keep: Collection[int] = (),
     ) -> tuple[torch.Tensor | None, set[int]]:
         """q* for this verification, ``[sum(num_draft_tokens), V]`` request-major.
 
@@ -76,14 +77,15 @@ class DraftProbStore:
         hit, with ``-1`` drafts) or drafts no proposal made. Those rows get zero q*, which
         vLLM's sampler always rejects, so the token sampled there comes from the target
         alone (the caller counts it); every other row is verified exactly. The rows are
-        consumed. None when no row has q*.
+        consumed. None when no row has q*. Rows in ``keep`` (drafts that are the scheduler's
+        padding, not this store's) get zero rows and keep their q* for ``take_first_rows``.
         """
         found: list[torch.Tensor | None] = []
         without: set[int] = set()
         for row, (req_id, count) in enumerate(zip(req_ids, num_draft_tokens)):
             if count == 0:
                 continue
-            probs = self._rows.pop(req_id, None)
+            probs = None if row in keep else self._rows.pop(req_id, None)
             if probs is not None and probs.shape[0] >= count:
                 found.append(probs[:count])
             else:

@@ -95,6 +95,17 @@ class StepState:
     # the q* each resampled zero-draft row was drawn with: what logprobs under pi need.
     draft_probs: torch.Tensor | None = None
     plain_q: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Rows whose drafts are the scheduler's padding (``-1`` drafts: vLLM pads a request
+    # admitted with one token left to compute, so the step keeps one shape). Only their
+    # first position has a real context: they are sampled like zero-draft rows, at that
+    # position, and every later slot is dropped.
+    padded_rows: frozenset[int] = frozenset()
+
+    def drafts_of(self, row: int) -> int:
+        """Real drafts of ``row`` this step (0 for a padded row)."""
+        if row in self.padded_rows or row >= len(self.num_draft_tokens):
+            return 0
+        return self.num_draft_tokens[row]
 
 
 @dataclass(frozen=True)
@@ -194,12 +205,13 @@ def mix_target_logits(
         return target_logits
     owners = np.repeat(np.arange(len(num_draft_tokens)), num_draft_tokens)
     rule_of_row = np.array([
-        "" if r is None or not r.mixes or i in state.placeholder_rows else r.rule
+        "" if r is None or not r.mixes or i in state.placeholder_rows
+        or i in state.padded_rows else r.rule
         for i, r in enumerate(rows)
     ] + [""], dtype=object)
     rule_of_token = rule_of_row[np.minimum(owners, len(rows))]
     for i, r in enumerate(rows):
-        if r is not None and r.mixes and num_draft_tokens[i] and (
+        if r is not None and r.mixes and num_draft_tokens[i] and i not in state.padded_rows and (
             i in state.placeholder_rows or draft_probs is None
         ):
             state.inexact_rows.add(i)
@@ -290,6 +302,11 @@ def resample_plain_rows(
     state.plain_degraded = degraded
 
 
+def draft_offsets(num_draft_tokens: list[int]) -> np.ndarray:
+    """``[num_reqs + 1]`` start of each row's draft positions (request-major layout)."""
+    return np.concatenate([[0], np.cumsum(num_draft_tokens)]).astype(int)
+
+
 def forced_token(row: RowAlignment, output_index: int) -> int | None:
     """The token output ``output_index`` must be for a scoring row (None: free)."""
     k = output_index - 1  # output 0 is the withheld prompt token
@@ -310,7 +327,7 @@ def force_tokens(sampled: np.ndarray, rows: list[RowAlignment | None],
     too (it has no q*). Returns the rows changed.
     """
     changed = []
-    offsets = np.concatenate([[0], np.cumsum(num_draft_tokens)]).astype(int)
+    offsets = draft_offsets(num_draft_tokens)
     for i, row in enumerate(rows):
         if row is None or not row.forced:
             continue
@@ -408,7 +425,18 @@ def finalize_step(
     One host transfer brings the sampled tokens, alpha and degraded flags together.
     """
     num_reqs = len(state.rows)
-    drafts = state.num_draft_tokens or [0] * num_reqs
+    layout = state.num_draft_tokens or [0] * num_reqs  # vLLM's draft slots per row
+    drafts = [state.drafts_of(i) for i in range(num_reqs)]
+    for i, row in enumerate(state.rows):
+        if row is None:
+            continue
+        if first_step[i] and row.first_token is not None:
+            # Prefill of prompt[:-1]: the withheld last prompt token is the one output; any
+            # later slot (a padded row's) was sampled after a placeholder, not a real token.
+            sampled[i, 0] = row.first_token
+            sampled[i, 1:] = PLACEHOLDER
+        elif i in state.padded_rows:
+            sampled[i, 1:] = PLACEHOLDER
     # Greedy rows whose last token still comes from p at a plain/bonus position (no q*):
     # follow argmax p there, as vLLM would for a greedy request.
     for i, row in enumerate(state.rows):
@@ -416,9 +444,9 @@ def finalize_step(
             continue
         if first_step[i] and row.first_token is not None:
             continue
-        source = i if bonus_logits_rows is None else bonus_logits_rows[i]
+        source = i if bonus_logits_rows is None else bonus_logits_rows[i] - layout[i]
         sampled[i, 0] = logits[source].argmax()
-    num_tokens = sum(drafts)
+    num_tokens = sum(layout)
     alpha = state.alpha if state.alpha is not None else torch.zeros(num_tokens)
     degraded = state.degraded if state.degraded is not None else torch.zeros(num_tokens)
     plain = state.plain_degraded if state.plain_degraded is not None else torch.zeros(num_reqs)
@@ -434,16 +462,14 @@ def finalize_step(
     degraded_np = packed[num_reqs * width + num_tokens: num_reqs * width + 2 * num_tokens]
     plain_np = packed[num_reqs * width + 2 * num_tokens:]
     valid_before = (tokens != PLACEHOLDER).sum(axis=-1)
-    offsets = np.concatenate([[0], np.cumsum(drafts)]).astype(int)
+    offsets = draft_offsets(layout)
     results: list[RowStepStats] = []
     for i, row in enumerate(state.rows):
         if row is None:
             continue
-        n_draft = drafts[i] if i < len(drafts) else 0
+        n_draft = drafts[i]
         if first_step[i] and row.first_token is not None:
-            # Prefill of prompt[:-1]: emit the withheld last prompt token; not generated.
-            sampled[i, 0] = row.first_token
-            continue
+            continue  # the withheld prompt token: not generated, not counted
         n_valid = int(valid_before[i])
         if n_valid == 0 or not emitting[i]:
             continue  # a partial prefill chunk or a discarded row: nothing was sampled

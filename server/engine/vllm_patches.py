@@ -76,6 +76,9 @@ PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token": (
         "logits", "sampling_metadata", "use_fp64_gumbel",
     ),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens": (
+        "self", "grammar_output",
+    ),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_sampler_run": (
         "self", "hidden_states",
     ),
@@ -217,23 +220,50 @@ def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
 
 
 def _resample_plain_rows(runner: Any, logits: torch.Tensor, output: Any,
-                         bonus_rows: list[int] | None, plain: list[int],
+                         first_rows: list[int], plain: list[int],
                          state: hook.StepState) -> None:
-    """Rows with no drafts: sample from pi with the q* of their last proposal."""
+    """Rows with no real drafts: sample from pi with the q* of their last proposal."""
     req_ids = runner.input_batch.req_ids
     q_rows = _draft_prob_store(runner).take_first_rows([req_ids[i] for i in plain])
     usable = [(i, q) for i, q in zip(plain, q_rows) if q is not None]
     if not usable:
         return
     batch_rows = [i for i, _ in usable]
-    logit_rows = batch_rows if bonus_rows is None else [bonus_rows[i] for i in batch_rows]
     metadata = runner.input_batch.sampling_metadata
-    target = _processed_target_probs(logits, logit_rows, batch_rows, metadata)
+    target = _processed_target_probs(logits, [first_rows[i] for i in batch_rows], batch_rows,
+                                     metadata)
     q_star = torch.stack([q for _, q in usable]).to(target.device)
-    generators = {j: metadata.generators[i] for j, i in enumerate(batch_rows)
-                  if i in metadata.generators}
     hook.resample_plain_rows(output.sampled_token_ids, target, q_star, batch_rows,
-                             generators, state)
+                             _generators_of(metadata, batch_rows), state)
+
+
+def _generators_of(metadata: Any, batch_rows: list[int]) -> dict[int, torch.Generator]:
+    """The seeded rows' generators, keyed by position in ``batch_rows``."""
+    return {j: metadata.generators[i] for j, i in enumerate(batch_rows)
+            if i in metadata.generators}
+
+
+def _sample_padded_rows_from_p(runner: Any, logits: torch.Tensor, output: Any,
+                               first_rows: list[int], rows: list[int]) -> None:
+    """Padded rows with no q* to mix with: their one token is a sample of the processed p
+    at their first position, drawn here (vLLM's CPU kernel may accept a ``-1`` draft and
+    leave that slot empty; CUDA's rejects it and recovers from p, the same distribution)."""
+    if not rows:
+        return
+    metadata = runner.input_batch.sampling_metadata
+    target = _processed_target_probs(logits, [first_rows[i] for i in rows], rows, metadata)
+    tokens = hook.sample_from_probs(target, _generators_of(metadata, rows))
+    sampled = output.sampled_token_ids
+    sampled[torch.as_tensor(rows, device=sampled.device), 0] = tokens.to(sampled.device,
+                                                                         sampled.dtype)
+
+
+def _padded_rows(runner: Any, drafts: list[int]) -> frozenset[int]:
+    """Rows whose scheduled drafts are all the scheduler's ``-1`` padding (host lists in
+    ``input_batch.spec_token_ids``: no device read)."""
+    spec = runner.input_batch.spec_token_ids
+    return frozenset(i for i, n in enumerate(drafts)
+                     if n and all(t < 0 for t in spec[i][:n]))
 
 
 def _wrap_sample(original):
@@ -259,13 +289,18 @@ def _wrap_sample(original):
                 spec_decode_metadata = None
             else:
                 bonus_rows = (np.cumsum(drafts) + np.arange(num_reqs)).tolist()
-        state = hook.StepState(rows=rows, num_draft_tokens=drafts)
+        state = hook.StepState(rows=rows, num_draft_tokens=drafts,
+                               padded_rows=_padded_rows(self, drafts))
         output_lens = _output_lens(self, num_reqs, drafts)
         first = (output_lens == 0).tolist()
         emitting = _emitting_flags(self, num_reqs)
-        plain = [i for i, row in enumerate(rows) if row is not None and row.mixes
-                 and drafts[i] == 0 and emitting[i]
-                 and not (first[i] and row.first_token is not None)]
+        # Logits row of each row's first sampled position (its only one without drafts).
+        first_rows = list(range(num_reqs)) if bonus_rows is None else [
+            bonus_rows[i] - drafts[i] for i in range(num_reqs)]
+        sampled_here = [i for i, row in enumerate(rows) if row is not None
+                        and state.drafts_of(i) == 0 and emitting[i]
+                        and not (first[i] and row.first_token is not None)]
+        plain = [i for i in sampled_here if rows[i].mixes]
         raw_logits = logits
         verified = spec_decode_metadata
         wants_logprobs = _wants_logprobs(rows)
@@ -279,7 +314,10 @@ def _wrap_sample(original):
         finally:
             _PROCESS.step = None
         if plain:
-            _resample_plain_rows(self, raw_logits, output, bonus_rows, plain, state)
+            _resample_plain_rows(self, raw_logits, output, first_rows, plain, state)
+        _sample_padded_rows_from_p(self, raw_logits, output, first_rows, [
+            i for i in sampled_here
+            if i in state.padded_rows and i not in state.resampled_rows])
         scoring = any(row is not None and row.forced for row in rows)
         if scoring:
             _force_prompt_tokens(output.sampled_token_ids, rows, drafts, verified, output_lens)
@@ -330,15 +368,16 @@ def _logprobs_under_pi(runner: Any, output: Any, raw_logits: torch.Tensor,
     if num_logprobs is None or num_logprobs < 0:
         return  # -1 (the whole vocabulary) is not offered by the API
     width = output.sampled_token_ids.shape[1]
-    drafts = state.num_draft_tokens
-    offsets = np.concatenate([[0], np.cumsum(drafts)]).astype(int)
+    layout = state.num_draft_tokens
+    offsets = hook.draft_offsets(layout)
     out_rows, logit_rows, q_parts, owners = [], [], [], []
     p_rows: list[tuple[int, int]] = []  # (output row, logits row): no q*, log p
     for i, row in enumerate(state.rows):
         if row is None or row.logprobs is None or not (row.mixes or row.forced):
             continue
-        n = drafts[i]
-        plain_row = i if bonus_rows is None else bonus_rows[i]  # the bonus/plain position
+        n = state.drafts_of(i)
+        # The bonus/plain position (a padded row's first position: its one real one).
+        plain_row = i if bonus_rows is None else bonus_rows[i] - layout[i] + n
         with_q = 0  # leading slots verified against pi with q*
         if row.mixes and n > 0 and state.draft_probs is not None \
                 and i not in state.inexact_rows:
@@ -407,6 +446,36 @@ def _draft_prob_store(runner: Any) -> DraftProbStore:
     return store
 
 
+def _wrap_sample_tokens(original):
+    def sample_tokens(self, grammar_output):
+        """One engine step's sampling and drafting, with the generators of rows whose sample
+        vLLM discards (a partial prefill chunk) held out of the batch: such a row draws
+        nothing from its seed, so seeded text does not depend on how its prompt was chunked.
+
+        Replaces upstream's rewind in ``GPUModelRunner._bookkeeping_sync``
+        (``gen.set_offset(gen.get_offset() - 4)``), which undoes one draw on CUDA only (the
+        hook's drafter draws more) and raises on CPU ("CPU Generator does not use offset").
+        """
+        if settings_of(self.vllm_config) is None:
+            return original(self, grammar_output)
+        held = _hold_out_discarded_generators(self)
+        try:
+            return original(self, grammar_output)
+        finally:
+            self.input_batch.generators.update(held)
+
+    sample_tokens.__kad_original__ = original
+    return sample_tokens
+
+
+def _hold_out_discarded_generators(runner: Any) -> dict[int, torch.Generator]:
+    """Remove and return the generators of this step's discarded rows."""
+    num_reqs = runner.input_batch.num_reqs
+    generators = runner.input_batch.generators
+    discarded = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
+    return {int(i): generators.pop(int(i)) for i in discarded if int(i) in generators}
+
+
 def _wrap_copy_draft_token_ids_to_cpu(original):
     def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only=False):
         # Called right after every proposal (rows of ``_draft_probs`` follow
@@ -431,7 +500,8 @@ def _per_request_draft_probs(original):
         store = _draft_prob_store(self)
         store.keep_only(self.requests.keys())
         probs, without = store.take(
-            list(self.input_batch.req_ids), spec_decode_metadata.num_draft_tokens
+            list(self.input_batch.req_ids), spec_decode_metadata.num_draft_tokens,
+            keep=state.padded_rows,
         )
         state.placeholder_rows = without
         state.draft_probs = probs
@@ -560,6 +630,7 @@ def _forced(next_token_ids: torch.Tensor, call: int, aligned_batch: bool) -> tor
 
 
 _RUNNER_PATCHES = {
+    "sample_tokens": _wrap_sample_tokens,
     "_sample": _wrap_sample,
     "_copy_draft_token_ids_to_cpu": _wrap_copy_draft_token_ids_to_cpu,
     "_get_spec_decode_draft_probs": _per_request_draft_probs,
