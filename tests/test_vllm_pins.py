@@ -34,6 +34,49 @@ def test_a_changed_signature_fails_loudly_with_the_function_name(monkeypatch):
         vllm_patches.check_pinned_internals()
 
 
+def test_a_changed_upstream_body_fails_loudly(monkeypatch):
+    """A copied or replaced function whose body changed upstream (same signature)."""
+    from vllm.v1.sample import rejection_sampler
+
+    original = rejection_sampler.expand_batch_to_tokens
+    original = getattr(original, "__kad_original__", original)
+
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        return original(x, cu_num_tokens, num_tokens, replace_from, replace_to) + 0
+
+    monkeypatch.setattr(rejection_sampler, "expand_batch_to_tokens", expand_batch_to_tokens)
+    with pytest.raises(vllm_patches.PinnedInternalsError,
+                       match="body of vllm.v1.sample.rejection_sampler.expand_batch_to_tokens"):
+        vllm_patches.check_pinned_internals()
+
+
+def test_a_private_attribute_gone_upstream_fails_loudly(monkeypatch):
+    owner = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
+    attributes = dict(vllm_patches.PINNED_ATTRIBUTES)
+    attributes[owner] = (*attributes[owner], "discard_request_mask_v2")
+    monkeypatch.setattr(vllm_patches, "PINNED_ATTRIBUTES", attributes)
+    with pytest.raises(vllm_patches.PinnedInternalsError,
+                       match="GPUModelRunner has no discard_request_mask_v2"):
+        vllm_patches.check_pinned_internals()
+
+
+def test_every_attribute_the_patches_read_is_pinned():
+    """``runner.x``/``self.x``/``metadata.x`` reads in the patch module are listed in
+    ``PINNED_ATTRIBUTES`` (a new read of a vLLM internal must be pinned too)."""
+    import re
+    from pathlib import Path
+
+    source = Path(vllm_patches.__file__).read_text()
+    pinned = {name for names in vllm_patches.PINNED_ATTRIBUTES.values() for name in names}
+    receivers = r"(?:self|runner|input_batch|metadata|sampling_metadata|output|tensors" \
+                r"|spec_decode_metadata|state_of_request)"
+    read = set(re.findall(rf"\b{receivers}\.([a-z_][a-z0-9_]*)\b(?!\()", source))
+    ours = {"speculative_config", "rows", "num_draft_tokens", "draft_probs", "padded_rows",
+            "placeholder_rows", "inexact_rows", "plain_q", "emitted", "drafts_of",
+            "vllm_config"}
+    assert read - pinned - ours == set()
+
+
 def test_a_different_vllm_version_fails_loudly(monkeypatch):
     monkeypatch.setattr(vllm_patches, "PINNED_VLLM_VERSION", "0.0.1")
     with pytest.raises(vllm_patches.PinnedInternalsError, match="pinned to 0.0.1"):
@@ -67,7 +110,7 @@ def test_the_hook_is_inert_in_an_engine_kad_serve_did_not_start():
     wrapped = vllm_patches._wrap_sample(original)
     assert wrapped(runner, "logits", "metadata") == "upstream"
     assert calls == [("logits", "metadata")]
-    assert vllm_patches._PROCESS.step is None
+    assert vllm_patches._STEP_IN_PROGRESS.get() is None
 
     seen = {}
 
@@ -92,12 +135,13 @@ def test_the_hook_is_active_in_an_engine_kad_serve_started(monkeypatch):
         seen["target"] = args[5]
 
     def original(self, logits, spec_decode_metadata):
-        assert vllm_patches._PROCESS.step is not None
+        assert vllm_patches._STEP_IN_PROGRESS.get() is not None
         vllm_patches._wrap_rejection_sample(upstream_rejection)(
             None, [2], 2, None, q_star, target.clone(), None, None)
         return SimpleNamespace(sampled_token_ids=torch.tensor([[1, 2, -1]]),
                                logprobs_tensors=None)
 
+    runner.speculative_config = SimpleNamespace(num_speculative_tokens=2)
     runner.optimistic_seq_lens_cpu = torch.tensor([10])
     runner.input_batch.num_prompt_tokens = torch.tensor([3]).numpy()
     runner.discard_request_mask = SimpleNamespace(np=torch.tensor([False]).numpy())

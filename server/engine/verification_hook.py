@@ -100,6 +100,9 @@ class StepState:
     # first position has a real context: they are sampled like zero-draft rows, at that
     # position, and every later slot is dropped.
     padded_rows: frozenset[int] = frozenset()
+    # [num_reqs] tokens each row emitted this step (``finalize_step``, host numbers): the
+    # withheld prompt token counts, a discarded row's sample does not.
+    emitted: np.ndarray | None = None
 
     def drafts_of(self, row: int) -> int:
         """Real drafts of ``row`` this step (0 for a padded row)."""
@@ -322,7 +325,7 @@ def force_tokens(sampled: np.ndarray, rows: list[RowAlignment | None],
     step's drafts (request-major), ``output_lens[i]`` the tokens row i output before this
     step. Each forced slot keeps the verification's position (so logprobs there are log pi
     of the prompt token given the prompt before it): slots are forced while the drafts
-    match the prompt (the proposer drafts the prompt, ``forced_drafts``), up to and
+    match the prompt (the proposer drafts the prompt: ``HookContext.next_drafts``), up to and
     including the first slot that does not; everything after is dropped, the bonus slot
     too (it has no q*). Returns the rows changed.
     """
@@ -346,21 +349,6 @@ def force_tokens(sampled: np.ndarray, rows: list[RowAlignment | None],
             sampled[i, kept:] = PLACEHOLDER
             changed.append(i)
     return changed
-
-
-def forced_drafts(rows: list[RowAlignment | None], output_lens: np.ndarray,
-                  gamma: int) -> np.ndarray | None:
-    """``[num_reqs, gamma]`` draft tokens the proposer must draft (-1: its own sample):
-    for a scoring row, the prompt tokens at output positions ``output_lens[i] + j``."""
-    table = np.full((len(rows), gamma), -1, dtype=np.int64)
-    for i, row in enumerate(rows):
-        if row is None or not row.forced:
-            continue
-        for j in range(gamma):
-            token = forced_token(row, int(output_lens[i]) + j)
-            if token is not None:
-                table[i, j] = token
-    return table if (table >= 0).any() else None
 
 
 def unscaled_log_pi(
@@ -464,11 +452,13 @@ def finalize_step(
     valid_before = (tokens != PLACEHOLDER).sum(axis=-1)
     offsets = draft_offsets(layout)
     results: list[RowStepStats] = []
+    state.emitted = np.zeros(num_reqs, dtype=np.int64)
     for i, row in enumerate(state.rows):
         if row is None:
             continue
         n_draft = drafts[i]
         if first_step[i] and row.first_token is not None:
+            state.emitted[i] = 1
             continue  # the withheld prompt token: not generated, not counted
         n_valid = int(valid_before[i])
         if n_valid == 0 or not emitting[i]:
@@ -479,6 +469,7 @@ def finalize_step(
             # The bonus token came from p at a position with no q*: dropped.
             sampled[i, n_draft] = PLACEHOLDER
             emitted -= 1
+        state.emitted[i] = emitted
         plain_from_p = n_draft == 0 and row.mixes and i not in state.resampled_rows
         inexact = int(i in state.inexact_rows or plain_from_p)
         positions = min(n_draft, accepted + 1)

@@ -17,6 +17,7 @@ import os
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from types import MappingProxyType
 from typing import Any
 
 from kad_kernels.rules import RULES, TWO_MODEL_RULES, unserved_reason
@@ -44,7 +45,8 @@ _STATS_WAIT_S = 5.0
 
 
 # Rules the kernels know but this two-model engine cannot serve, with the reason.
-UNSUPPORTED_RULES = {rule: unserved_reason(rule) for rule in RULES if rule not in TWO_MODEL_RULES}
+UNSUPPORTED_RULES = MappingProxyType(
+    {rule: unserved_reason(rule) for rule in RULES if rule not in TWO_MODEL_RULES})
 
 
 class UnsupportedAlignmentError(ValueError):
@@ -59,7 +61,7 @@ class HookNotActiveError(RuntimeError):
 # workers). On CUDA with Triton, vLLM 0.32 would run Model Runner V2 for draft_model
 # (``VllmConfig.use_v2_model_runner``); the hook patches the V1 ``GPUModelRunner``, the
 # runner every CPU test exercises, so kad-serve pins it (tests/test_vllm_pins.py).
-ENGINE_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+ENGINE_ENV = MappingProxyType({"VLLM_USE_V2_MODEL_RUNNER": "0"})
 
 
 def engine_args(config: ServeConfig, hook: HookSettings | None = None,

@@ -36,26 +36,30 @@ wrapper is a pass-through in an engine whose config carries no ``HookSettings``.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import pkgutil
-from dataclasses import dataclass
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
 from server.engine import verification_hook as hook
-from server.engine.draft_probs import DraftProbStore
-from server.engine.hook_settings import HookSettings, settings_of
-from server.engine.stats_channel import StatsSender
+from server.engine.hook_context import DraftPass, NextDrafts
+from server.engine.hook_settings import HookSettings, context_of, settings_of
 
 logger = logging.getLogger(__name__)
 
 PINNED_VLLM_VERSION = "0.32.0"
 
 # Signatures (parameter names, in order) the wrappers below were written against.
-PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
+PINNED_SIGNATURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample": (
         "self", "logits", "spec_decode_metadata",
     ),
@@ -73,8 +77,13 @@ PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "vllm.v1.sample.rejection_sampler.expand_batch_to_tokens": (
         "x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to",
     ),
-    "vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token": (
-        "logits", "sampling_metadata", "use_fp64_gumbel",
+    "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer._sample_from_logits": (
+        "self", "logits", "sampling_metadata",
+    ),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.propose_draft_token_ids": (
+        "self", "scheduler_output", "sampled_token_ids", "sampling_metadata",
+        "hidden_states", "sample_hidden_states", "aux_hidden_states",
+        "spec_decode_metadata", "common_attn_metadata", "slot_mappings",
     ),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens": (
         "self", "grammar_output",
@@ -82,48 +91,108 @@ PINNED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_sampler_run": (
         "self", "hidden_states",
     ),
-}
+})
 
-# Called, not patched: the hook processes a zero-draft row's target as vLLM does.
-CALLED_SIGNATURES: dict[str, tuple[str, ...]] = {
+# Called, not patched: the hook processes a zero-draft row's target as vLLM does, and
+# draws drafts with vLLM's own exponential race.
+CALLED_SIGNATURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "vllm.v1.spec_decode.llm_base_proposer.empty_exponential_noise_like": (
+        "probs", "use_fp64_gumbel",
+    ),
+    "vllm.v1.spec_decode.llm_base_proposer.sample_with_exponential_noise": ("probs", "q"),
     "vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p": ("logits", "k", "p"),
     "vllm.v1.sample.ops.penalties.apply_all_penalties": (
         "logits", "prompt_token_ids", "presence_penalties", "frequency_penalties",
         "repetition_penalties", "output_token_ids",
     ),
-}
+})
 
 
 
-@dataclass
-class HookProcess:
-    """The hook's state in one vLLM worker process (one engine step at a time).
-
-    ``step`` lives from the start of ``_sample`` to its end and is what the wrapped
-    ``rejection_sample`` reads; ``greedy_rows`` carries the step's greedy-over-pi rows to
-    the draft sampler that runs right after ``_sample`` in the same ``sample_tokens``.
-    """
-
-    step: hook.StepState | None = None
-    greedy_rows: tuple[int, frozenset[int]] = (0, frozenset())
-    # Scoring rows: the drafts the next proposal must make ([num_reqs, gamma], -1 free),
-    # and how many draft tokens the proposer sampled since the last ``_sample``.
-    forced_drafts: torch.Tensor | None = None
-    draft_call: int = 0
-    sender: StatsSender | None = None
-    sender_endpoint: str | None = None
-    logged_degraded: bool = False
-
-    def sender_for(self, settings: HookSettings) -> StatsSender | None:
-        if settings.stats_endpoint != self.sender_endpoint:
-            self.sender_endpoint = settings.stats_endpoint
-            self.sender = None if not settings.stats_endpoint else StatsSender(
-                settings.stats_endpoint
-            )
-        return self.sender
 
 
-_PROCESS = HookProcess()
+# Upstream functions whose *body* this module copies or replaces (a signature check cannot
+# see a changed body): sha256 of ``inspect.getsource``, first 16 hex digits, vLLM 0.32.0.
+PINNED_SOURCES: Mapping[str, str] = MappingProxyType({
+    # replaced by ``_torch_expand_batch_to_tokens``
+    "vllm.v1.sample.rejection_sampler.expand_batch_to_tokens": "ef896c2fe058ae70",
+    # replaced by ``_per_request_draft_probs``
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_spec_decode_draft_probs":
+        "944db527e0dd2e82",
+    # copied into ``hook_context.DraftPass.sample``
+    "vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token":
+        "f09e6baa475bbf1a",
+    # its non-greedy path replaced by ``DraftPass.sample``
+    "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer._sample_from_logits":
+        "37f15d2a34491b50",
+    # its generator rewind replaced by ``_wrap_sample_tokens``'s hold-out
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._bookkeeping_sync": "13c3e81003a7e168",
+    # the step order the wrappers rely on (_sample, propose, bookkeeping)
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens": "047e6a4738dead56",
+})
+
+# Every attribute of a vLLM object the patches read, by the class that owns it.
+PINNED_ATTRIBUTES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner": (
+        "input_batch", "requests", "optimistic_seq_lens_cpu", "discard_request_mask",
+        "_draft_probs", "speculative_config", "scheduler_config", "model_config", "device",
+        "vllm_config",
+    ),
+    "vllm.v1.worker.gpu_input_batch.InputBatch": (
+        "req_ids", "num_reqs", "num_prompt_tokens", "spec_token_ids", "sampling_metadata",
+        "generators",
+    ),
+    "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("sampling_params",),
+    "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer": (
+        "_enable_probabilistic_draft_probs", "use_fp64_gumbel", "vllm_config",
+    ),
+    "vllm.v1.sample.metadata.SamplingMetadata": (
+        "temperature", "all_greedy", "all_random", "top_p", "top_k", "generators",
+        "max_num_logprobs", "no_penalties", "prompt_token_ids", "frequency_penalties",
+        "presence_penalties", "repetition_penalties", "output_token_ids",
+    ),
+    "vllm.v1.outputs.SamplerOutput": ("sampled_token_ids", "logprobs_tensors"),
+    "vllm.v1.outputs.LogprobsTensors": (
+        "logprob_token_ids", "logprobs", "selected_token_ranks",
+    ),
+    "vllm.v1.spec_decode.metadata.SpecDecodeMetadata": ("draft_token_ids", "num_draft_tokens"),
+})
+
+
+def source_digest(func: Any) -> str:
+    """What ``PINNED_SOURCES`` records for a function."""
+    return hashlib.sha256(inspect.getsource(func).encode()).hexdigest()[:16]
+
+
+def has_attribute(cls: type, name: str) -> bool:
+    """Whether instances of ``cls`` have ``name``: a field, a class attribute or property,
+    or an attribute its methods (or its bases') assign on ``self``."""
+    if hasattr(cls, name) or name in getattr(cls, "__dataclass_fields__", {}) \
+            or name in getattr(cls, "_fields", ()):
+        return True
+    assigned = re.compile(rf"self\.{re.escape(name)}\s*(:[^=\n]*)?=[^=]")
+    for base in cls.__mro__:
+        try:
+            if assigned.search(inspect.getsource(base)):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
+
+
+# The step ``_sample`` is running, for the module-level ``rejection_sample`` it calls (which
+# receives no runner): set and reset around that one call, as vLLM's own
+# ``set_forward_context`` scopes a forward pass.
+_STEP_IN_PROGRESS: ContextVar[hook.StepState | None] = ContextVar("kad_step", default=None)
+
+
+@contextmanager
+def _step_in_progress(state: hook.StepState) -> Iterator[None]:
+    token = _STEP_IN_PROGRESS.set(state)
+    try:
+        yield
+    finally:
+        _STEP_IN_PROGRESS.reset(token)
 
 
 class PinnedInternalsError(RuntimeError):
@@ -138,7 +207,7 @@ def check_pinned_internals() -> None:
     version = getattr(vllm, "__version__", "?")
     if version.split("+")[0] != PINNED_VLLM_VERSION:
         problems.append(f"vLLM {version} is installed, kad-serve is pinned to {PINNED_VLLM_VERSION}")
-    for dotted, expected in (PINNED_SIGNATURES | CALLED_SIGNATURES).items():
+    for dotted, expected in {**PINNED_SIGNATURES, **CALLED_SIGNATURES}.items():
         try:
             func = pkgutil.resolve_name(dotted)
         except (ImportError, AttributeError) as exc:
@@ -148,6 +217,24 @@ def check_pinned_internals() -> None:
         found = tuple(inspect.signature(func).parameters)
         if found != expected:
             problems.append(f"{dotted} has parameters {found}, expected {expected}")
+    for dotted, digest in PINNED_SOURCES.items():
+        try:
+            func = pkgutil.resolve_name(dotted)
+        except (ImportError, AttributeError):
+            continue  # reported above
+        found = source_digest(getattr(func, "__kad_original__", func))
+        if found != digest:
+            problems.append(f"the body of {dotted} changed (source digest {found}, "
+                            f"expected {digest})")
+    for owner, names in PINNED_ATTRIBUTES.items():
+        try:
+            cls = pkgutil.resolve_name(owner)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{owner} is missing ({exc})")
+            continue
+        missing = [name for name in names if not has_attribute(cls, name)]
+        if missing:
+            problems.append(f"{owner} has no {', '.join(missing)}")
     if problems:
         raise PinnedInternalsError(
             "kad-serve's verification hook does not match the installed vLLM: "
@@ -224,7 +311,8 @@ def _resample_plain_rows(runner: Any, logits: torch.Tensor, output: Any,
                          state: hook.StepState) -> None:
     """Rows with no real drafts: sample from pi with the q* of their last proposal."""
     req_ids = runner.input_batch.req_ids
-    q_rows = _draft_prob_store(runner).take_first_rows([req_ids[i] for i in plain])
+    q_rows = context_of(runner.vllm_config).draft_probs.take_first_rows(
+        [req_ids[i] for i in plain])
     usable = [(i, q) for i, q in zip(plain, q_rows) if q is not None]
     if not usable:
         return
@@ -271,11 +359,10 @@ def _wrap_sample(original):
         settings = settings_of(self.vllm_config)
         if settings is None:  # an engine kad-serve did not start: untouched
             return original(self, logits, spec_decode_metadata)
+        context = settings.context
         rows = _row_settings(self)
         num_reqs = len(rows)
-        _PROCESS.greedy_rows = (num_reqs, frozenset(
-            i for i, row in enumerate(rows) if row is not None and row.greedy
-        ))
+        context.next_drafts = {}
         if not any(row is not None for row in rows):
             return original(self, logits, spec_decode_metadata)
         drafts = [0] * num_reqs
@@ -308,11 +395,8 @@ def _wrap_sample(original):
             # vLLM's plain sampler divides float32 logits by the temperature in place;
             # resampling from pi and logprobs need the raw target.
             logits = logits.clone()
-        _PROCESS.step = state
-        try:
+        with _step_in_progress(state):
             output = original(self, logits, spec_decode_metadata)
-        finally:
-            _PROCESS.step = None
         if plain:
             _resample_plain_rows(self, raw_logits, output, first_rows, plain, state)
         _sample_padded_rows_from_p(self, raw_logits, output, first_rows, [
@@ -323,14 +407,10 @@ def _wrap_sample(original):
             _force_prompt_tokens(output.sampled_token_ids, rows, drafts, verified, output_lens)
         stats = hook.finalize_step(output.sampled_token_ids, raw_logits, bonus_rows, first,
                                    emitting, state)
-        _PROCESS.draft_call = 0
-        _PROCESS.forced_drafts = None
-        if scoring and self.speculative_config is not None:
-            emitted = (output.sampled_token_ids[:num_reqs] != hook.PLACEHOLDER).sum(dim=1)
-            table = hook.forced_drafts(rows, output_lens + emitted.cpu().numpy(),
-                                       self.speculative_config.num_speculative_tokens)
-            if table is not None:
-                _PROCESS.forced_drafts = torch.from_numpy(table).to(logits.device)
+        if self.speculative_config is not None:
+            context.next_drafts = _next_drafts(
+                list(self.input_batch.req_ids), rows, output_lens, state.emitted,
+                self.speculative_config.num_speculative_tokens)
         if output.logprobs_tensors is not None and wants_logprobs:
             _logprobs_under_pi(self, output, raw_logits, bonus_rows, state)
         _report(stats, settings)
@@ -429,21 +509,36 @@ def _write_logprobs(tensors: Any, out_index: torch.Tensor, log_probs: torch.Tens
 
 
 def _report(stats: list[hook.RowStepStats], settings: HookSettings) -> None:
+    context = settings.context
     degraded = [s.request_id for s in stats if s.degraded]
-    if degraded and not _PROCESS.logged_degraded:
-        _PROCESS.logged_degraded = True
+    if degraded and not context.logged_degraded:
+        context.logged_degraded = True
         logger.error("non-finite probabilities for %s: those positions were verified "
                      "against p alone (counted as kad.degraded_tokens; logged once)", degraded)
-    sender = _PROCESS.sender_for(settings)
+    sender = context.sender_for(settings.stats_endpoint)
     if stats and sender is not None and _is_stats_rank():
         sender.send(stats)
 
 
-def _draft_prob_store(runner: Any) -> DraftProbStore:
-    store = runner.__dict__.get("_kad_draft_probs")
-    if store is None:
-        store = runner.__dict__["_kad_draft_probs"] = DraftProbStore()
-    return store
+def _next_drafts(req_ids: list[str], rows: list[hook.RowAlignment | None],
+                 output_lens: np.ndarray, emitted: np.ndarray,
+                 gamma: int) -> dict[str, NextDrafts]:
+    """Per vLLM request id, what the proposal that follows this step drafts for it: the
+    argmax of q* for greedy-over-pi rows; for a scored prompt, its tokens at the output
+    positions after what the row emitted this step (``forced_token``)."""
+    plans = {}
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        forced: tuple[int, ...] = ()
+        if row.forced:
+            start = int(output_lens[i] + emitted[i])
+            tokens = [hook.forced_token(row, start + j) for j in range(gamma)]
+            if any(t is not None for t in tokens):
+                forced = tuple(-1 if t is None else t for t in tokens)
+        if row.greedy or forced:
+            plans[req_ids[i]] = NextDrafts(greedy=row.greedy, forced=forced)
+    return plans
 
 
 def _wrap_sample_tokens(original):
@@ -486,7 +581,8 @@ def _wrap_copy_draft_token_ids_to_cpu(original):
             return
         req_ids = list(self.input_batch.req_ids)
         probs = None if zeros_only else self._draft_probs
-        _draft_prob_store(self).record(req_ids, probs, _emitting_flags(self, len(req_ids)))
+        context_of(self.vllm_config).draft_probs.record(
+            req_ids, probs, _emitting_flags(self, len(req_ids)))
 
     _copy_draft_token_ids_to_cpu.__kad_original__ = original
     return _copy_draft_token_ids_to_cpu
@@ -494,10 +590,10 @@ def _wrap_copy_draft_token_ids_to_cpu(original):
 
 def _per_request_draft_probs(original):
     def _get_spec_decode_draft_probs(self, spec_decode_metadata):
-        state = _PROCESS.step
+        state = _STEP_IN_PROGRESS.get()
         if state is None:
             return original(self, spec_decode_metadata)
-        store = _draft_prob_store(self)
+        store = context_of(self.vllm_config).draft_probs
         store.keep_only(self.requests.keys())
         probs, without = store.take(
             list(self.input_batch.req_ids), spec_decode_metadata.num_draft_tokens,
@@ -517,7 +613,7 @@ def _wrap_rejection_sample(original):
         target_logits, bonus_token_ids, sampling_metadata, synthetic_mode=False,
         synthetic_conditional_rates=None, use_fp64_gumbel=False,
     ):
-        state = _PROCESS.step
+        state = _STEP_IN_PROGRESS.get()
         if state is not None:
             target_logits = hook.mix_target_logits(
                 target_logits, draft_probs, list(num_draft_tokens), state
@@ -580,69 +676,65 @@ def _torch_expand_batch_to_tokens(original):
     return expand_batch_to_tokens
 
 
-def _seeded_compute_probs_and_sample_next_token(original):
-    from vllm.v1.spec_decode import llm_base_proposer as upstream
+def _wrap_propose_draft_token_ids(original):
+    def propose_draft_token_ids(self, *args, **kwargs):
+        """The proposal after ``_sample``: its rows are ``input_batch.req_ids``, and what
+        each request must draft comes from ``HookContext.next_drafts`` by request id."""
+        context = context_of(self.vllm_config)
+        if context is None:
+            return original(self, *args, **kwargs)
+        context.draft_pass = DraftPass(list(self.input_batch.req_ids), context.next_drafts)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            context.draft_pass = None
 
-    def compute_probs_and_sample_next_token(logits, sampling_metadata, use_fp64_gumbel=False):
-        generators = sampling_metadata.generators
-        num_rows, greedy_rows = _PROCESS.greedy_rows
-        aligned_batch = logits.shape[0] == num_rows and (
-            sampling_metadata.temperature is None
-            or logits.shape[0] == len(sampling_metadata.temperature)
-        )
-        call = _PROCESS.draft_call
-        _PROCESS.draft_call += 1
-        if sampling_metadata.all_greedy or not aligned_batch or not (generators or greedy_rows):
-            next_token_ids, probs = original(logits, sampling_metadata, use_fp64_gumbel)
-            return _forced(next_token_ids, call, aligned_batch), probs
-        # Upstream body, with per-request generators for the exponential race noise.
-        temperature = sampling_metadata.temperature
-        is_greedy = temperature < upstream._SAMPLING_EPS
-        if not sampling_metadata.all_random:
-            temperature = torch.where(is_greedy, 1.0, temperature)
-        logits.div_(temperature.view(-1, 1))
-        probs = logits.softmax(dim=-1, dtype=torch.float32)
-        noise = upstream.empty_exponential_noise_like(probs, use_fp64_gumbel)
-        noise.exponential_()
-        for row, generator in generators.items():
-            if row < noise.shape[0]:
-                noise[row].exponential_(generator=generator)
-        next_token_ids = upstream.sample_with_exponential_noise(probs.clone(), noise)
-        if not sampling_metadata.all_random:
-            next_token_ids = torch.where(is_greedy, probs.argmax(dim=-1), next_token_ids)
-        if greedy_rows:
-            index = torch.tensor(sorted(greedy_rows), device=probs.device)
-            next_token_ids[index] = probs.index_select(0, index).argmax(dim=-1)
-        return _forced(next_token_ids, call, aligned_batch), probs
-
-    compute_probs_and_sample_next_token.__kad_original__ = original
-    return compute_probs_and_sample_next_token
+    propose_draft_token_ids.__kad_original__ = original
+    return propose_draft_token_ids
 
 
-def _forced(next_token_ids: torch.Tensor, call: int, aligned_batch: bool) -> torch.Tensor:
-    """Scoring rows draft the prompt's next tokens instead of sampling (q* is unchanged:
-    it is the draft's distribution at that position, given the prompt before it)."""
-    table = _PROCESS.forced_drafts
-    if table is None or not aligned_batch or call >= table.shape[1]:
-        return next_token_ids
-    column = table[:, call].to(next_token_ids.device)
-    return torch.where(column >= 0, column.to(next_token_ids.dtype), next_token_ids)
+def _wrap_sample_from_logits(original):
+    def _sample_from_logits(self, logits, sampling_metadata):
+        """Each draft step of a proposal samples through the pass (``DraftPass.sample``:
+        float32 q*, per-request seeds, greedy rows, forced prompt tokens)."""
+        context = context_of(self.vllm_config)
+        draft_pass = None if context is None else context.draft_pass
+        if draft_pass is None or not self._enable_probabilistic_draft_probs:
+            return original(self, logits, sampling_metadata)
+        if logits.shape[0] != draft_pass.num_rows:
+            # Not the batch of the pass (a drafter with several rows per request): upstream
+            # sampling, no forced drafts (scoring stays exact, ``force_tokens`` stops at
+            # the first draft that is not the prompt's token).
+            draft_pass.draft_step += 1
+            if not context.logged_unaligned_draft:
+                context.logged_unaligned_draft = True
+                logger.warning("draft batch of %d rows for %d requests: upstream sampling",
+                               logits.shape[0], draft_pass.num_rows)
+            return original(self, logits, sampling_metadata)
+        if sampling_metadata.all_greedy:
+            tokens, probs = original(self, logits, sampling_metadata)
+            return draft_pass.apply_forced(tokens), probs
+        return draft_pass.sample(logits, sampling_metadata, self.use_fp64_gumbel)
+
+    _sample_from_logits.__kad_original__ = original
+    return _sample_from_logits
 
 
-_RUNNER_PATCHES = {
+_RUNNER_PATCHES = MappingProxyType({
     "sample_tokens": _wrap_sample_tokens,
+    "propose_draft_token_ids": _wrap_propose_draft_token_ids,
     "_sample": _wrap_sample,
     "_copy_draft_token_ids_to_cpu": _wrap_copy_draft_token_ids_to_cpu,
     "_get_spec_decode_draft_probs": _per_request_draft_probs,
     "_dummy_sampler_run": _wrap_dummy_sampler_run,
-}
-_REJECTION_PATCHES = {
+})
+_REJECTION_PATCHES = MappingProxyType({
     "rejection_sample": _wrap_rejection_sample,
     "expand_batch_to_tokens": _torch_expand_batch_to_tokens,
-}
-_PROPOSER_PATCHES = {
-    "compute_probs_and_sample_next_token": _seeded_compute_probs_and_sample_next_token,
-}
+})
+_PROPOSER_PATCHES = MappingProxyType({
+    "_sample_from_logits": _wrap_sample_from_logits,
+})
 
 
 def _patch_targets() -> list[tuple[Any, str, dict[str, Any]]]:
@@ -654,7 +746,8 @@ def _patch_targets() -> list[tuple[Any, str, dict[str, Any]]]:
     return [
         (GPUModelRunner, f"{GPUModelRunner.__module__}.GPUModelRunner", _RUNNER_PATCHES),
         (rejection_sampler, rejection_sampler.__name__, _REJECTION_PATCHES),
-        (llm_base_proposer, llm_base_proposer.__name__, _PROPOSER_PATCHES),
+        (llm_base_proposer.SpecDecodeBaseProposer,
+         f"{llm_base_proposer.__name__}.SpecDecodeBaseProposer", _PROPOSER_PATCHES),
     ]
 
 

@@ -1,0 +1,151 @@
+"""The hook's state for one model runner, owned by the engine config kad-serve passes in.
+
+One ``HookContext`` per engine per process: it lives on the ``HookSettings`` that kad-serve
+hands vLLM as ``VllmConfig.additional_config``, so the runner and its drafter (whose config
+shares that object) reach the same context through their own ``vllm_config``, and nothing
+is kept at module level or pushed into vLLM's objects. A context never crosses a process:
+pickled (vLLM ships its config to the engine core and workers) it arrives empty.
+
+What it carries between the calls of one engine step, all keyed by request id or read in
+vLLM's own batch order (``input_batch.req_ids``), never by call counts or shape guesses:
+
+* ``step``: the step's ``StepState``, from the start of ``_sample`` to its end (the wrapped
+  ``rejection_sample`` and ``_get_spec_decode_draft_probs`` read it);
+* ``next_drafts``: per request id, what the next proposal must do for it (greedy draft,
+  forced prompt tokens), computed once ``_sample`` knows what each request emitted;
+* ``draft_pass``: the proposal in progress (``DraftPass``), set around the runner's
+  ``propose_draft_token_ids`` with the batch's rows in ``input_batch.req_ids`` order;
+* ``draft_probs``: each request's q* until its drafts are verified (``DraftProbStore``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.engine.draft_probs import DraftProbStore
+from server.engine.stats_channel import StatsSender
+
+logger = logging.getLogger(__name__)
+
+_SAMPLING_EPS = 1e-5  # vLLM's ``_SAMPLING_EPS``: a temperature below it is greedy
+
+
+@dataclass(frozen=True)
+class NextDrafts:
+    """What the next proposal drafts for one request: the argmax of q* (greedy-over-pi
+    rows, whose target is one-hot) and/or the prompt's tokens (a scored prompt, -1 free)."""
+
+    greedy: bool = False
+    forced: tuple[int, ...] = ()
+
+
+class DraftPass:
+    """One proposal's draft steps over a batch whose rows are ``req_ids`` (vLLM's order).
+
+    Draft step ``k`` of the proposal (the k-th time the drafter samples) forces
+    ``forced[k]`` where a request has one. The step index belongs to this pass, created
+    per proposal, not to anything shared with the sampler.
+    """
+
+    def __init__(self, req_ids: Sequence[str], plans: Mapping[str, NextDrafts]) -> None:
+        self.num_rows = len(req_ids)
+        self.greedy_rows = [i for i, r in enumerate(req_ids) if plans.get(r, NextDrafts()).greedy]
+        width = max((len(p.forced) for p in plans.values()), default=0)
+        self._forced = [[(plans[r].forced[k] if r in plans and k < len(plans[r].forced)
+                          else -1) for r in req_ids] for k in range(width)]
+        self._forced_tensors: dict[torch.device, list[torch.Tensor]] = {}
+        self._greedy_masks: dict[torch.device, torch.Tensor] = {}
+        self.draft_step = 0
+
+    def greedy_mask(self, device: torch.device) -> torch.Tensor:
+        """``[num_rows]`` bool, the greedy-over-pi rows (one copy per proposal)."""
+        if device not in self._greedy_masks:
+            mask = torch.zeros(self.num_rows, dtype=torch.bool)
+            mask[self.greedy_rows] = True
+            self._greedy_masks[device] = mask.to(device, non_blocking=True)
+        return self._greedy_masks[device]
+
+    def forced_column(self, device: torch.device) -> torch.Tensor | None:
+        """The forced tokens of the current draft step (-1: free), or None."""
+        if self.draft_step >= len(self._forced):
+            return None
+        if device not in self._forced_tensors:
+            # One host-to-device copy per proposal, not per draft step.
+            table = torch.tensor(self._forced, dtype=torch.long)
+            self._forced_tensors[device] = list(table.to(device, non_blocking=True).unbind(0))
+        return self._forced_tensors[device][self.draft_step]
+
+    def sample(self, logits: torch.Tensor, sampling_metadata: Any,
+               use_fp64_gumbel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft tokens and q* for one draft step (replaces vLLM's
+        ``llm_base_proposer.compute_probs_and_sample_next_token``).
+
+        As upstream, with three differences: q* is computed from float32 logits (a bf16
+        drafter's logits divided by T in bf16 shift q* by up to 0.1 nat, which logprobs
+        under pi would then report); a seeded row draws its noise from its own generator
+        (upstream: "TODO: Consider seeds"); greedy-over-pi rows draft the argmax of q*.
+        Forced prompt tokens replace the draws of scoring rows (q* is unchanged: it is the
+        draft's distribution at that position given the prompt before it).
+        """
+        from vllm.v1.spec_decode.llm_base_proposer import (
+            empty_exponential_noise_like,
+            sample_with_exponential_noise,
+        )
+
+        temperature = sampling_metadata.temperature
+        is_greedy = temperature < _SAMPLING_EPS
+        logits = logits.float()
+        logits.div_(torch.where(is_greedy, 1.0, temperature).view(-1, 1))
+        probs = logits.softmax(dim=-1)
+        noise = empty_exponential_noise_like(probs, use_fp64_gumbel)
+        noise.exponential_()
+        for row, generator in sampling_metadata.generators.items():
+            if row < noise.shape[0]:
+                noise[row].exponential_(generator=generator)
+        tokens = sample_with_exponential_noise(probs.clone(), noise)
+        if not sampling_metadata.all_random or self.greedy_rows:
+            greedy = is_greedy | self.greedy_mask(is_greedy.device)
+            tokens = torch.where(greedy, probs.argmax(dim=-1), tokens)
+        return self.apply_forced(tokens), probs
+
+    def apply_forced(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` with this draft step's forced tokens in place; advances the step."""
+        column = self.forced_column(tokens.device)
+        self.draft_step += 1
+        if column is None:
+            return tokens
+        return torch.where(column >= 0, column.to(tokens.dtype), tokens)
+
+
+@dataclass(eq=False)
+class HookContext:
+    """The hook's state in one process for one engine (see the module docstring)."""
+
+    draft_probs: DraftProbStore = field(default_factory=DraftProbStore)
+    step: Any = None  # verification_hook.StepState during ``_sample``
+    next_drafts: dict[str, NextDrafts] = field(default_factory=dict)
+    draft_pass: DraftPass | None = None
+    sender: StatsSender | None = None
+    sender_endpoint: str | None = None
+    logged_degraded: bool = False
+    logged_unaligned_draft: bool = False
+
+    def sender_for(self, endpoint: str | None) -> StatsSender | None:
+        if endpoint != self.sender_endpoint:
+            self.sender_endpoint = endpoint
+            self.sender = None if not endpoint else StatsSender(endpoint)
+        return self.sender
+
+    def __reduce__(self):
+        # State is per process: a context shipped with vLLM's config arrives empty.
+        return (HookContext, ())
+
+    def __deepcopy__(self, memo: dict) -> HookContext:
+        # vLLM may deep-copy its config within a process (e.g. the drafter's config): the
+        # copy must reach this same context, not a second one.
+        return self
