@@ -265,3 +265,77 @@ def test_a_discarded_seeded_row_draws_nothing_from_its_generator():
     assert runner.input_batch.generators == {0: kept, 1: discarded}
     assert torch.equal(discarded.get_state(), before["discarded"])
     assert not torch.equal(kept.get_state(), before["kept"])
+
+
+_CHILD_CHECK = """
+import multiprocessing, sys
+sys.path.insert(0, {tests!r})
+
+def child(config, queue):
+    import vllm.config.vllm as module
+    module.HAS_TRITON = True  # as on CUDA: Triton has a driver
+    queue.put(config.use_v2_model_runner)
+
+if __name__ == "__main__":
+    from conftest import tiny_serve_config
+    from kad_kernels.tiny_models import build_tiny_pair
+    from server.engine.vllm_engine import engine_args
+    config = engine_args(tiny_serve_config(build_tiny_pair({root!r}), num_speculative_tokens=5))
+    vllm_config = config.create_engine_config()
+    queue = multiprocessing.get_context("spawn").Queue()
+    process = multiprocessing.get_context("spawn").Process(target=child,
+                                                           args=(vllm_config, queue))
+    process.start()
+    print("use_v2_model_runner in a spawned child:", queue.get(timeout=300))
+    process.join()
+"""
+
+
+def test_engine_args_pin_the_v1_runner_in_spawned_processes(tmp_path):
+    """No monkeypatching: a fresh interpreter without the variable builds the engine args,
+    and a spawned child (as vLLM starts its engine core and workers) with Triton present
+    evaluates ``use_v2_model_runner`` to False."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY_ROOT
+
+    script = tmp_path / "check.py"
+    script.write_text(_CHILD_CHECK.format(tests=str(REPO / "tests"), root=str(TINY_ROOT)))
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_USE_V2_MODEL_RUNNER"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, check=False,
+                          text=True, timeout=600, cwd=REPO)
+    assert "use_v2_model_runner in a spawned child: False" in done.stdout, done.stderr[-3000:]
+
+
+def test_ray_forwards_the_runner_choice_to_its_workers():
+    from vllm.ray.ray_env import get_env_vars_to_copy
+
+    from server.engine.vllm_engine import ENGINE_ENV
+
+    assert set(ENGINE_ENV) <= get_env_vars_to_copy(destination="kad-serve test")
+
+
+def test_a_worker_that_built_runner_v2_fails_naming_it(monkeypatch):
+    """A Ray node whose own environment says V2 wins over the driver's: its worker must
+    fail at start naming the runner it built, not serve p silently."""
+    import vllm.v1.worker.gpu.model_runner as v2
+    from vllm.v1.worker.gpu_worker import Worker
+
+    class FakeRunnerV2:
+        def __init__(self, config, device):
+            self.config = config
+
+    monkeypatch.setattr(v2, "GPUModelRunner", FakeRunnerV2)
+    make = vllm_patches._wrap_make_model_runner(
+        getattr(Worker._make_model_runner, "__kad_original__", Worker._make_model_runner))
+    ours = SimpleNamespace(use_v2_model_runner=True, device="cuda:0", vllm_config=SimpleNamespace(
+        additional_config=HookSettings(), is_mm_encoder_only=False))
+    with pytest.raises(vllm_patches.WrongModelRunnerError, match="built .*FakeRunnerV2"):
+        make(ours)
+    # Not kad-serve's engine: whatever vLLM builds is fine.
+    theirs = SimpleNamespace(use_v2_model_runner=True, device="cuda:0",
+                             vllm_config=SimpleNamespace(additional_config={},
+                                                         is_mm_encoder_only=False))
+    assert isinstance(make(theirs), FakeRunnerV2)

@@ -88,6 +88,7 @@ PINNED_SIGNATURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens": (
         "self", "grammar_output",
     ),
+    "vllm.v1.worker.gpu_worker.Worker._make_model_runner": ("self",),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_sampler_run": (
         "self", "hidden_states",
     ),
@@ -720,6 +721,36 @@ def _wrap_sample_from_logits(original):
     return _sample_from_logits
 
 
+class WrongModelRunnerError(RuntimeError):
+    """A worker of a kad-serve engine built a model runner the hook does not patch."""
+
+
+def _wrap_make_model_runner(original):
+    def _make_model_runner(self):
+        """The CUDA worker's runner must be the V1 ``GPUModelRunner`` the hook patches.
+        ``VLLM_USE_V2_MODEL_RUNNER=0`` travels to workers in the environment, and under
+        Ray a node's own value wins over the driver's (vLLM's Ray executor applies driver
+        variables with ``setdefault``): such a worker fails here, naming what it built,
+        instead of serving p silently."""
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        runner = original(self)
+        if settings_of(self.vllm_config) is not None and not isinstance(runner,
+                                                                         GPUModelRunner):
+            kind = type(runner)
+            raise WrongModelRunnerError(
+                f"kad-serve's verification hook patches vLLM's V1 GPUModelRunner, but this "
+                f"worker built {kind.__module__}.{kind.__qualname__} (Model Runner V2): "
+                "set VLLM_USE_V2_MODEL_RUNNER=0 in every node's environment")
+        return runner
+
+    _make_model_runner.__kad_original__ = original
+    return _make_model_runner
+
+
+_WORKER_PATCHES = MappingProxyType({
+    "_make_model_runner": _wrap_make_model_runner,
+})
 _RUNNER_PATCHES = MappingProxyType({
     "sample_tokens": _wrap_sample_tokens,
     "propose_draft_token_ids": _wrap_propose_draft_token_ids,
@@ -742,8 +773,10 @@ def _patch_targets() -> list[tuple[Any, str, dict[str, Any]]]:
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
 
     return [
+        (Worker, f"{Worker.__module__}.Worker", _WORKER_PATCHES),
         (GPUModelRunner, f"{GPUModelRunner.__module__}.GPUModelRunner", _RUNNER_PATCHES),
         (rejection_sampler, rejection_sampler.__name__, _REJECTION_PATCHES),
         (llm_base_proposer.SpecDecodeBaseProposer,
