@@ -43,18 +43,19 @@ def test_paper_pairs_use_the_paper_defaults():
 
 def test_config_flows_into_vllm_engine_args():
     """What the config says reaches vLLM: TP/PP, the draft model as speculator with its full
-    probabilities, and an explicit KV-cache size on CPU (no free-memory fraction check)."""
-    from server.engine.vllm_engine import engine_args
+    probabilities, and an explicit KV-cache size on CPU (no free-memory fraction check).
+    (The arguments only: vLLM's validation of them needs the models, tests/test_preflight.py.)"""
+    from server.engine.vllm_engine import engine_args_for_length as engine_args
 
     config = load_config(REPO / "configs" / "tiny-cpu.yaml")
-    args = engine_args(config)
+    args = engine_args(config, 1036)
     assert args.kv_cache_memory_bytes == int(config.engine.cpu_kv_cache_gib * 2**30)
     assert args.speculative_config["method"] == "draft_model"
     assert args.speculative_config["draft_sample_method"] == "probabilistic"
     assert args.speculative_config["num_speculative_tokens"] == (
         config.engine.num_speculative_tokens)
     gpu = load_config(REPO / "configs" / "qwen3-1.7b-14b.yaml")
-    gpu_args = engine_args(gpu)
+    gpu_args = engine_args(gpu, 8204)
     assert gpu_args.kv_cache_memory_bytes is None
     assert gpu_args.tensor_parallel_size == gpu.engine.tensor_parallel_size
     assert gpu_args.gpu_memory_utilization == gpu.engine.gpu_memory_utilization

