@@ -155,16 +155,12 @@ _CONFIG_KEYS = (
 )
 
 
-def _one_line(exc: Exception) -> str:
-    """vLLM's reason without pydantic's framing: the first 'Value error, ...' line."""
+def vllm_config_error(exc: Exception) -> PreflightError:
+    """vLLM's refusal as one line naming the config key (pydantic's framing dropped: the
+    first 'Value error, ...' line, else the last line of the message)."""
     text = str(exc)
     found = re.search(r"Value error, (.+?)(?: \[type=|$)", text, flags=re.MULTILINE)
-    return (found.group(1) if found else text.strip().splitlines()[-1]).strip()
-
-
-def vllm_config_error(exc: Exception) -> PreflightError:
-    """vLLM's refusal as one line naming the config key."""
-    reason = _one_line(exc)
+    reason = (found.group(1) if found else text.strip().splitlines()[-1]).strip()
     key = next((key for word, key in _CONFIG_KEYS if word in reason.lower()), "engine")
     return PreflightError(f"{key}: vLLM refuses this config: {reason}")
 
