@@ -10,7 +10,20 @@ command -v nvidia-smi >/dev/null || { echo "gpu-check: no NVIDIA driver (nvidia-
 $BIN/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "== exactness on CUDA (engine hook, tiny pair)"
-$BIN/python -m pytest -q tests/test_engine.py tests/test_speculative_exactness.py
+# The shipped loop, not only gamma 1 (which takes the proposer's early exit): gamma 5 with
+# mixed rules, top-k/top-p, logprobs and scored prompts joining running batches, a seeded
+# request under chunked prefill, and TP 2 where the node has two GPUs. vLLM's sync checker
+# reports every blocking host/device sync outside warm-up; the count is summarised.
+mkdir -p results/gpu-check
+GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+TESTS=(tests/test_engine.py tests/test_speculative_exactness.py tests/test_engine_production.py
+       tests/test_logprobs.py)
+if [ "$GPUS" -ge 2 ]; then TESTS+=(tests/test_engine_tp.py); fi
+VLLM_GPU_SYNC_CHECK=warn $BIN/python -m pytest -q -p no:cacheprovider "${TESTS[@]}" \
+    2>&1 | tee results/gpu-check/exactness.log
+echo "== host/device syncs reported by VLLM_GPU_SYNC_CHECK=warn (by source line)"
+grep -i "sync" results/gpu-check/exactness.log | grep -oE '[A-Za-z_/]+\.py:[0-9]+' \
+    | sort | uniq -c | sort -rn | head -20 || echo "none reported"
 echo "== kernels on CUDA"
 $BIN/kad-bench kernels --device cuda --batch 1 8 64 --json results/gpu-check/kernels.json
 echo "== engine throughput (tiny pair; pass --models/--target/--draft for a real pair)"
