@@ -232,3 +232,13 @@ def test_a_greedy_padded_row_takes_the_argmax_at_its_first_position():
     sampled = _sampled([[1, 2]], 3)
     finalize_step(sampled, logits, [2], [False], [True], state)
     assert sampled[0].tolist() == [5, PLACEHOLDER, PLACEHOLDER]
+
+
+def test_rule_groups_follow_rule_order_skip_unmixed_and_chunk():
+    from server.engine.verification_hook import rule_groups
+
+    groups = list(rule_groups(["kad_dual", "", "aligned", "kad_dual", "kad_dual"], chunk=2))
+    assert [(rule, positions.tolist()) for rule, positions in groups] == [
+        ("aligned", [2]), ("kad_dual", [0, 3]), ("kad_dual", [4])]
+    assert [(r, p.tolist()) for r, p in rule_groups(["base"] * 3)] == [("base", [0, 1, 2])]
+    assert list(rule_groups(["", ""])) == []

@@ -24,6 +24,7 @@ The hot path has no per-token Python loop and one host sync per step (``finalize
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,16 +223,24 @@ def mix_target_logits(
         if state.inexact_rows:
             logger.warning("verification without draft probabilities: pi cannot be formed")
         return target_logits
-    for rule in sorted(set(rule_of_token) - {""}):
-        tokens = np.nonzero(rule_of_token == rule)[0]
-        if len(tokens) == num_tokens:
-            _mix_into(target_logits, draft_probs, None, rule, owners, state)
-            continue
-        chunk = max(1, num_tokens // 2)
-        for start in range(0, len(tokens), chunk):
-            _mix_into(target_logits, draft_probs, tokens[start:start + chunk], rule, owners,
-                      state)
+    # One rule over every position: mixed in place; else per rule in half-batch chunks.
+    named = set(rule_of_token.tolist())
+    whole = len(named) == 1 and "" not in named
+    for rule, tokens in rule_groups(rule_of_token, None if whole else max(1, num_tokens // 2)):
+        _mix_into(target_logits, draft_probs, None if whole else tokens, rule, owners, state)
     return target_logits
+
+
+def rule_groups(rule_of: Sequence[str] | np.ndarray,
+                chunk: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(rule, positions)`` for each rule named in ``rule_of`` (positions marked ``""`` are
+    left out), in rule order, cut in chunks of at most ``chunk`` positions (None: whole)."""
+    rule_of = np.asarray(rule_of, dtype=object)
+    for rule in sorted(set(rule_of.tolist()) - {""}):
+        positions = np.nonzero(rule_of == rule)[0]
+        step = chunk or len(positions)
+        for start in range(0, len(positions), step):
+            yield rule, positions[start:start + step]
 
 
 def _mix_into(target_logits: torch.Tensor, draft_probs: torch.Tensor,
@@ -283,12 +292,11 @@ def resample_plain_rows(
     """
     rows = [state.rows[i] for i in batch_rows]
     device = target_probs.device
-    rule_of = np.array([r.rule for r in rows], dtype=object)
+    rule_of = [r.rule for r in rows]
     owners = np.asarray(batch_rows)
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     degraded = torch.zeros(len(state.rows), dtype=torch.bool, device=device)
-    for rule in sorted(set(rule_of)):
-        group = np.nonzero(rule_of == rule)[0]
+    for rule, group in rule_groups(rule_of):
         index = torch.from_numpy(group).to(device)
         logits = target_probs.index_select(0, index).log_()
         log_pi, _, bad = mix_rows(logits, q_star.index_select(0, index), rule,
@@ -372,9 +380,7 @@ def unscaled_log_pi(
     log_q = q_star.float().log().mul_(temperature.float().unsqueeze(-1))
     q = log_q.sub_(log_q.amax(dim=-1, keepdim=True)).exp_()
     out = torch.empty_like(logits)
-    rule_of = np.array([rows[o].rule for o in owners], dtype=object)
-    for rule in sorted(set(rule_of)):
-        group = np.nonzero(rule_of == rule)[0]
+    for rule, group in rule_groups([rows[o].rule for o in owners]):
         index = torch.from_numpy(group).to(logits.device)
         log_pi, _, _ = mix_rows(logits.index_select(0, index), q.index_select(0, index),
                                 rule, _params(rows, owners[group], logits.device), None)
