@@ -376,7 +376,7 @@ def unscaled_log_pi(
     q = 0, below 1e-30 of mass). Position i belongs to batch row ``owners[i]``, whose
     rule and parameter apply. A row with non-finite inputs gets ``log p``.
     """
-    logits = target_logits.float().clone()
+    logits = target_logits.float()  # read only: each rule group mixes its own copy
     log_q = q_star.float().log().mul_(temperature.float().unsqueeze(-1))
     q = log_q.sub_(log_q.amax(dim=-1, keepdim=True)).exp_()
     out = torch.empty_like(logits)

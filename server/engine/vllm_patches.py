@@ -653,20 +653,39 @@ def _wrap_dummy_sampler_run(original):
     return _dummy_sampler_run
 
 
+# What the profile run covers: the largest logprobs request the API admits (top 20).
+PROFILE_TOP_LOGPROBS = 20
+
+
 def profile_hook_memory(max_num_seqs: int, gamma: int, vocab: int,
                         device: torch.device) -> None:
-    """Run ``mix_target_logits`` on the largest step it can see: every request verifying
-    ``gamma`` drafts (target logits and q* as vLLM allocates them, float32), one greedy
-    row so the greedy branch allocates too."""
+    """What the hook adds to the largest step it can see, all live at once as in a real
+    step: every request verifying ``gamma`` drafts with mixed rules (the chunked path, with
+    ``kad_primal``'s search buffers and a greedy row), the raw target logits and the draft
+    store's older proposal kept beside vLLM's current one, and logprobs of pi at every
+    position with the top ``PROFILE_TOP_LOGPROBS``. ``tests/test_vllm_pins.py`` checks that
+    its peak is at least the peak of a real step through ``_sample``."""
     num_tokens = max_num_seqs * gamma
-    target = torch.randn(num_tokens, vocab, device=device)
-    q_star = torch.softmax(torch.randn(num_tokens, vocab, device=device), dim=-1)
+    raw = torch.randn(num_tokens + max_num_seqs, vocab, device=device)  # vLLM's logits
+    proposal = torch.softmax(torch.randn(max_num_seqs, gamma, vocab, device=device), -1)
+    older = torch.empty_like(proposal)  # the store may keep one older proposal's rows
+    q_star = proposal.reshape(num_tokens, vocab).clone()  # DraftProbStore.take's rows
+    target = raw[:num_tokens].clone()  # vLLM's processed target, mixed in place
+    rules = ("kad_dual", "kad_primal")
     rows: list[hook.RowAlignment | None] = [
-        hook.RowAlignment(f"profile-{i}", "kad_dual", 0.4, greedy=i == 0)
+        hook.RowAlignment(f"profile-{i}", rules[i % 2], 0.4 if i % 2 == 0 else 0.9,
+                          greedy=i == 0, logprobs=PROFILE_TOP_LOGPROBS)
         for i in range(max_num_seqs)
     ]
     state = hook.StepState(rows=rows, num_draft_tokens=[gamma] * max_num_seqs)
     hook.mix_target_logits(target, q_star, state.num_draft_tokens, state)
+    owners = np.repeat(np.arange(max_num_seqs), gamma)
+    # _logprobs_under_pi gathers the positions' raw logits and q* (copies) first.
+    log_pi = hook.unscaled_log_pi(raw[:num_tokens].clone(), q_star.clone(),
+                                  torch.ones(num_tokens, device=device), rows, owners)
+    hook.gather_logprobs(log_pi, PROFILE_TOP_LOGPROBS,
+                         torch.zeros(num_tokens, dtype=torch.long, device=device))
+    del older, proposal
 
 
 def _torch_expand_batch_to_tokens(original):
