@@ -58,36 +58,42 @@ def _rows() -> list[dict]:
              "greedy": i == 0, "logprobs": TOP} for i in range(NUM_SEQS)]
 
 
-def _fake_runner() -> SimpleNamespace:
-    req_ids = [row["id"] for row in _rows()]
+def fake_runner(rows: list[dict]) -> SimpleNamespace:
+    """Just enough of vLLM's ``GPUModelRunner`` for a verification step of ``rows`` (the
+    ``extra_args['kad']`` of each request), each with ``GAMMA`` drafts."""
+    num_seqs = len(rows)
+    req_ids = [row["id"] for row in rows]
     metadata = SimpleNamespace(
-        temperature=torch.ones(NUM_SEQS), top_k=None, top_p=None, no_penalties=True,
+        temperature=torch.ones(num_seqs), top_k=None, top_p=None, no_penalties=True,
         generators={}, max_num_logprobs=TOP, all_greedy=False, all_random=True)
     return SimpleNamespace(
         vllm_config=SimpleNamespace(additional_config=HookSettings()),
         speculative_config=SimpleNamespace(num_speculative_tokens=GAMMA),
         requests={row["id"]: SimpleNamespace(sampling_params=SimpleNamespace(
-            extra_args={"kad": row})) for row in _rows()},
+            extra_args={"kad": row})) for row in rows},
         input_batch=SimpleNamespace(
-            req_ids=req_ids, num_reqs=NUM_SEQS, spec_token_ids=[[5] * GAMMA] * NUM_SEQS,
-            num_prompt_tokens=np.full(NUM_SEQS, 10), sampling_metadata=metadata,
+            req_ids=req_ids, num_reqs=num_seqs, spec_token_ids=[[5] * GAMMA] * num_seqs,
+            num_prompt_tokens=np.full(num_seqs, 10), sampling_metadata=metadata,
             generators={}),
-        optimistic_seq_lens_cpu=torch.full((NUM_SEQS,), 40),
-        discard_request_mask=SimpleNamespace(np=np.zeros(NUM_SEQS, dtype=bool)),
+        optimistic_seq_lens_cpu=torch.full((num_seqs,), 10 + 20 + GAMMA),
+        discard_request_mask=SimpleNamespace(np=np.zeros(num_seqs, dtype=bool)),
     )
 
 
-def _real_step() -> None:
-    """One verification step of ``NUM_SEQS`` requests through the wrapped ``_sample``."""
-    runner = _fake_runner()
-    num_tokens = NUM_SEQS * GAMMA
+def real_step(rows: list[dict] | None = None) -> None:
+    """One verification step of ``rows`` (default: ``NUM_SEQS`` mixed-rule requests with
+    logprobs) through the wrapped ``_sample``, the upstream part faked as vLLM allocates."""
+    rows = rows or _rows()
+    num_seqs = len(rows)
+    runner = fake_runner(rows)
+    num_tokens = num_seqs * GAMMA
     width = GAMMA + 1
     # The proposal that made this step's drafts (vLLM's _draft_probs) and its record.
-    proposal = torch.softmax(torch.randn(NUM_SEQS, GAMMA, VOCAB), dim=-1)
+    proposal = torch.softmax(torch.randn(num_seqs, GAMMA, VOCAB), dim=-1)
     runner.input_batch.sampling_metadata.generators = {}
     vllm_patches._wrap_copy_draft_token_ids_to_cpu(lambda *a: None)(
         SimpleNamespace(**vars(runner), _draft_probs=proposal), None)
-    logits = torch.randn(num_tokens + NUM_SEQS, VOCAB)  # vLLM's target logits
+    logits = torch.randn(num_tokens + num_seqs, VOCAB)  # vLLM's target logits
 
     def upstream_sample(self, logits, metadata):
         draft_probs = vllm_patches._per_request_draft_probs(lambda *a: None)(self, metadata)
@@ -95,15 +101,15 @@ def _real_step() -> None:
         vllm_patches._wrap_rejection_sample(lambda *a, **k: None)(
             metadata.draft_token_ids, metadata.num_draft_tokens, GAMMA, None, draft_probs,
             target, None, None)
-        sampled = torch.full((NUM_SEQS, width), -1, dtype=torch.int32)
+        sampled = torch.full((num_seqs, width), -1, dtype=torch.int32)
         sampled[:, :3] = 7
         logprobs = SimpleNamespace(
-            logprob_token_ids=torch.zeros(NUM_SEQS * width, TOP + 1, dtype=torch.int32),
-            logprobs=torch.zeros(NUM_SEQS * width, TOP + 1),
-            selected_token_ranks=torch.zeros(NUM_SEQS * width, dtype=torch.int32))
+            logprob_token_ids=torch.zeros(num_seqs * width, TOP + 1, dtype=torch.int32),
+            logprobs=torch.zeros(num_seqs * width, TOP + 1),
+            selected_token_ranks=torch.zeros(num_seqs * width, dtype=torch.int32))
         return SimpleNamespace(sampled_token_ids=sampled, logprobs_tensors=logprobs)
 
-    metadata = SimpleNamespace(num_draft_tokens=[GAMMA] * NUM_SEQS,
+    metadata = SimpleNamespace(num_draft_tokens=[GAMMA] * num_seqs,
                                draft_token_ids=torch.full((num_tokens,), 5))
     output = vllm_patches._wrap_sample(upstream_sample)(runner, logits, metadata)
     assert output.sampled_token_ids[:, 3:].eq(-1).all()  # the step ran to the end
@@ -116,7 +122,7 @@ def _peak(step) -> int:
 
 
 def test_the_profile_run_reserves_at_least_a_real_steps_peak():
-    real = _peak(_real_step)
+    real = _peak(real_step)
     profile = _peak(lambda: vllm_patches.profile_hook_memory(
         NUM_SEQS, GAMMA, VOCAB, torch.device("cpu")))
     one = NUM_SEQS * GAMMA * VOCAB * 4  # one [n, V] float32 tensor
@@ -138,4 +144,4 @@ def test_the_old_profile_would_undercount():
         state = hook.StepState(rows=rows, num_draft_tokens=[GAMMA] * NUM_SEQS)
         hook.mix_target_logits(target, q_star, state.num_draft_tokens, state)
 
-    assert _peak(old_profile) < _peak(_real_step)
+    assert _peak(old_profile) < _peak(real_step)

@@ -183,7 +183,8 @@ def test_cuda_with_triton_runs_the_model_runner_the_hook_patches(engine_config, 
                         lambda config, device: built.append(config) or "v1")
     stub = SimpleNamespace(use_v2_model_runner=engine_config.use_v2_model_runner,
                            vllm_config=engine_config, device="cuda:0")
-    assert Worker._make_model_runner(stub) == "v1" and built == [engine_config]
+    make = getattr(Worker._make_model_runner, "__kad_original__", Worker._make_model_runner)
+    assert make(stub) == "v1" and built == [engine_config]
     assert _cuda_worker_cls() == "vllm.v1.worker.gpu_worker.Worker"
 
     # The test has teeth: without kad-serve's setting, CUDA would run Model Runner V2.

@@ -29,6 +29,7 @@ import torch
 
 from server.engine.draft_probs import DraftProbStore
 from server.engine.stats_channel import StatsSender
+from server.engine.verification_hook import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class DraftPass:
         if device not in self._greedy_masks:
             mask = torch.zeros(self.num_rows, dtype=torch.bool)
             mask[self.greedy_rows] = True
-            self._greedy_masks[device] = mask.to(device, non_blocking=True)
+            self._greedy_masks[device] = to_device(mask, device)
         return self._greedy_masks[device]
 
     def forced_column(self, device: torch.device) -> torch.Tensor | None:
@@ -76,8 +77,8 @@ class DraftPass:
             return None
         if device not in self._forced_tensors:
             # One host-to-device copy per proposal, not per draft step.
-            table = torch.tensor(self._forced, dtype=torch.long)
-            self._forced_tensors[device] = list(table.to(device, non_blocking=True).unbind(0))
+            table = to_device(self._forced, device, torch.long)
+            self._forced_tensors[device] = list(table.unbind(0))
         return self._forced_tensors[device][self.draft_step]
 
     def sample(self, logits: torch.Tensor, sampling_metadata: Any,

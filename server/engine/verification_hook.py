@@ -167,6 +167,17 @@ def mix_rows(
     return pi.log_(), alpha, bad.squeeze(-1)
 
 
+def to_device(values: Any, device: torch.device, dtype: torch.dtype | None = None,
+              ) -> torch.Tensor:
+    """Host data (a list, array or CPU tensor) on ``device``. Off the CPU the copy goes
+    from pinned memory without blocking: a copy from ordinary host memory blocks the
+    stream, which would cancel vLLM's overlap of drafting with bookkeeping."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _params(rows: list[RowAlignment | None], owners: np.ndarray,
             device: torch.device) -> torch.Tensor | None:
     """Per-token parameters ``[n, 1]`` of one rule group (a rule takes one or none)."""
@@ -174,7 +185,7 @@ def _params(rows: list[RowAlignment | None], owners: np.ndarray,
         return None
     per_row = np.array([np.nan if r is None or r.param is None else r.param for r in rows],
                        dtype=np.float32)
-    return torch.from_numpy(per_row[owners]).to(device).unsqueeze(-1)
+    return to_device(per_row[owners], device).unsqueeze(-1)
 
 
 def _greedy(rows: list[RowAlignment | None], owners: np.ndarray,
@@ -182,7 +193,7 @@ def _greedy(rows: list[RowAlignment | None], owners: np.ndarray,
     per_row = np.array([r is not None and r.greedy for r in rows], dtype=bool)
     if not per_row[owners].any():
         return None
-    return torch.from_numpy(per_row[owners]).to(device)
+    return to_device(per_row[owners], device)
 
 
 def mix_target_logits(
@@ -257,7 +268,7 @@ def _mix_into(target_logits: torch.Tensor, draft_probs: torch.Tensor,
         state.alpha.copy_(alpha)
         state.degraded.copy_(bad)
         return
-    index = torch.from_numpy(tokens).to(device)
+    index = to_device(tokens, device)
     log_pi, alpha, bad = mix_rows(target_logits.index_select(0, index),
                                   draft_probs.index_select(0, index), rule, param, greedy)
     target_logits.index_copy_(0, index, log_pi)
@@ -297,7 +308,7 @@ def resample_plain_rows(
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     degraded = torch.zeros(len(state.rows), dtype=torch.bool, device=device)
     for rule, group in rule_groups(rule_of):
-        index = torch.from_numpy(group).to(device)
+        index = to_device(group, device)
         logits = target_probs.index_select(0, index).log_()
         log_pi, _, bad = mix_rows(logits, q_star.index_select(0, index), rule,
                                   _params(state.rows, owners[group], device),
@@ -305,8 +316,8 @@ def resample_plain_rows(
         pi = log_pi.exp_()
         local = {k: generators[int(j)] for k, j in enumerate(group) if int(j) in generators}
         tokens.index_copy_(0, index, sample_from_probs(pi, local))
-        degraded.index_copy_(0, torch.from_numpy(owners[group]).to(device), bad)
-    batch_index = torch.as_tensor(batch_rows, device=sampled.device)
+        degraded.index_copy_(0, to_device(owners[group], device), bad)
+    batch_index = to_device(batch_rows, sampled.device)
     sampled[batch_index, 0] = tokens.to(sampled.dtype)
     state.resampled_rows.update(batch_rows)
     state.plain_q.update(zip(batch_rows, q_star.unbind(0)))
@@ -381,7 +392,7 @@ def unscaled_log_pi(
     q = log_q.sub_(log_q.amax(dim=-1, keepdim=True)).exp_()
     out = torch.empty_like(logits)
     for rule, group in rule_groups([rows[o].rule for o in owners]):
-        index = torch.from_numpy(group).to(logits.device)
+        index = to_device(group, logits.device)
         log_pi, _, _ = mix_rows(logits.index_select(0, index), q.index_select(0, index),
                                 rule, _params(rows, owners[group], logits.device), None)
         out.index_copy_(0, index, log_pi)
@@ -401,6 +412,15 @@ def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int,
     return token_ids, own, ranks
 
 
+@dataclass(frozen=True)
+class ScoringStep:
+    """What forcing scored prompts needs: the step's drafts (device, request-major) and
+    the tokens each row output before this step."""
+
+    draft_tokens: torch.Tensor | None
+    output_lens: np.ndarray
+
+
 def finalize_step(
     sampled: torch.Tensor,
     logits: torch.Tensor,
@@ -408,53 +428,68 @@ def finalize_step(
     first_step: list[bool],
     emitting: list[bool],
     state: StepState,
+    scoring: ScoringStep | None = None,
 ) -> list[RowStepStats]:
-    """Correct vLLM's sampled tokens in place and return the step's per-request stats.
+    """Correct vLLM's sampled tokens and return the step's per-request stats.
 
     ``sampled`` is ``[num_reqs, 1 + max_spec_len]`` (placeholder -1 for no token);
     ``logits`` the target logits the step sampled from, ``bonus_logits_rows[i]`` the row of
     ``logits`` holding request i's bonus/plain position (``None``: row i itself, the plain
     sampler's layout). ``first_step[i]``: this step samples request i's first output token.
     ``emitting[i]``: row i's sample is kept (False for a partial prefill chunk).
-    One host transfer brings the sampled tokens, alpha and degraded flags together.
+
+    One device-to-host read brings the sampled tokens, the greedy rows' argmax, the drafts
+    of scored prompts, alpha and degraded flags together; every correction (withheld token,
+    padded rows, greedy rows, forced prompt tokens, dropped bonus tokens) is made on that
+    host copy and written back with one non-blocking copy.
     """
     num_reqs = len(state.rows)
     layout = state.num_draft_tokens or [0] * num_reqs  # vLLM's draft slots per row
     drafts = [state.drafts_of(i) for i in range(num_reqs)]
+    device = sampled.device
+    withheld = [row is not None and first_step[i] and row.first_token is not None
+                for i, row in enumerate(state.rows)]
+    # Greedy rows whose last token still comes from p at a plain/bonus position (no q*):
+    # argmax p there, as vLLM would for a greedy request.
+    greedy = [i for i, row in enumerate(state.rows)
+              if row is not None and row.greedy and i not in state.resampled_rows
+              and drafts[i] == 0 and not withheld[i]]
+    sources = [i if bonus_logits_rows is None else bonus_logits_rows[i] - layout[i]
+               for i in greedy]
+    num_tokens = sum(layout)
+    parts = [
+        sampled[:num_reqs].reshape(-1),
+        state.alpha if state.alpha is not None else torch.zeros(num_tokens, device=device),
+        state.degraded if state.degraded is not None else torch.zeros(num_tokens,
+                                                                      device=device),
+        state.plain_degraded if state.plain_degraded is not None
+        else torch.zeros(num_reqs, device=device),
+        logits.index_select(0, to_device(sources, logits.device, torch.long)).argmax(-1)
+        if greedy else torch.zeros(0, device=device),
+        scoring.draft_tokens.reshape(-1)
+        if scoring is not None and scoring.draft_tokens is not None
+        else torch.zeros(0, device=device),
+    ]
+    sizes = [part.numel() for part in parts]
+    packed = torch.cat([part.to(device, torch.float64) for part in parts]).cpu().numpy()
+    # ^ the step's one device-to-host read (vLLM syncs on the tokens anyway)
+    tokens_np, alpha_np, degraded_np, plain_np, greedy_np, drafts_np = np.split(
+        packed, np.cumsum(sizes)[:-1])
+    width = sampled.shape[1]
+    tokens = tokens_np.astype(np.int64).reshape(num_reqs, width)
+    original = tokens.copy()
     for i, row in enumerate(state.rows):
-        if row is None:
-            continue
-        if first_step[i] and row.first_token is not None:
+        if withheld[i]:
             # Prefill of prompt[:-1]: the withheld last prompt token is the one output; any
             # later slot (a padded row's) was sampled after a placeholder, not a real token.
-            sampled[i, 0] = row.first_token
-            sampled[i, 1:] = PLACEHOLDER
+            tokens[i, 0] = row.first_token
+            tokens[i, 1:] = PLACEHOLDER
         elif i in state.padded_rows:
-            sampled[i, 1:] = PLACEHOLDER
-    # Greedy rows whose last token still comes from p at a plain/bonus position (no q*):
-    # follow argmax p there, as vLLM would for a greedy request.
-    for i, row in enumerate(state.rows):
-        if row is None or not row.greedy or i in state.resampled_rows or drafts[i] > 0:
-            continue
-        if first_step[i] and row.first_token is not None:
-            continue
-        source = i if bonus_logits_rows is None else bonus_logits_rows[i] - layout[i]
-        sampled[i, 0] = logits[source].argmax()
-    num_tokens = sum(layout)
-    alpha = state.alpha if state.alpha is not None else torch.zeros(num_tokens)
-    degraded = state.degraded if state.degraded is not None else torch.zeros(num_tokens)
-    plain = state.plain_degraded if state.plain_degraded is not None else torch.zeros(num_reqs)
-    device = sampled.device
-    packed = torch.cat([
-        sampled[:num_reqs].reshape(-1).to(torch.float64),
-        alpha.to(device, torch.float64), degraded.to(device, torch.float64),
-        plain.to(device, torch.float64),
-    ]).cpu().numpy()  # the step's one host sync (vLLM syncs on the tokens anyway)
-    width = sampled.shape[1]
-    tokens = packed[: num_reqs * width].reshape(num_reqs, width)
-    alpha_np = packed[num_reqs * width: num_reqs * width + num_tokens]
-    degraded_np = packed[num_reqs * width + num_tokens: num_reqs * width + 2 * num_tokens]
-    plain_np = packed[num_reqs * width + 2 * num_tokens:]
+            tokens[i, 1:] = PLACEHOLDER
+    tokens[greedy, 0] = greedy_np.astype(np.int64)
+    if scoring is not None:
+        force_tokens(tokens, state.rows, layout, drafts_np.astype(np.int64),
+                     scoring.output_lens)
     valid_before = (tokens != PLACEHOLDER).sum(axis=-1)
     offsets = draft_offsets(layout)
     results: list[RowStepStats] = []
@@ -463,7 +498,7 @@ def finalize_step(
         if row is None:
             continue
         n_draft = drafts[i]
-        if first_step[i] and row.first_token is not None:
+        if withheld[i]:
             state.emitted[i] = 1
             continue  # the withheld prompt token: not generated, not counted
         n_valid = int(valid_before[i])
@@ -473,7 +508,7 @@ def finalize_step(
         emitted = n_valid
         if row.mixes and n_draft > 0 and accepted == n_draft:
             # The bonus token came from p at a position with no q*: dropped.
-            sampled[i, n_draft] = PLACEHOLDER
+            tokens[i, n_draft] = PLACEHOLDER
             emitted -= 1
         state.emitted[i] = emitted
         plain_from_p = n_draft == 0 and row.mixes and i not in state.resampled_rows
@@ -492,4 +527,6 @@ def finalize_step(
             inexact=inexact,
             degraded=int(degraded_np[span].sum() + (plain_np[i] if n_draft == 0 else 0)),
         ))
+    if not np.array_equal(tokens, original):
+        sampled[:num_reqs].copy_(to_device(tokens, device, sampled.dtype))
     return results

@@ -294,8 +294,8 @@ def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     device = logits.device
-    x = logits.index_select(0, torch.as_tensor(logit_rows, device=device)).float()
-    index = torch.as_tensor(batch_rows, device=device)
+    x = logits.index_select(0, hook.to_device(logit_rows, device)).float()
+    index = hook.to_device(batch_rows, device)
     if not metadata.no_penalties:
         x = apply_all_penalties(
             x, metadata.prompt_token_ids.index_select(0, index),
@@ -347,7 +347,7 @@ def _sample_padded_rows_from_p(runner: Any, logits: torch.Tensor, output: Any,
     target = _processed_target_probs(logits, [first_rows[i] for i in rows], rows, metadata)
     tokens = hook.sample_from_probs(target, _generators_of(metadata, rows))
     sampled = output.sampled_token_ids
-    sampled[torch.as_tensor(rows, device=sampled.device), 0] = tokens.to(sampled.device,
+    sampled[hook.to_device(rows, sampled.device), 0] = tokens.to(sampled.device,
                                                                          sampled.dtype)
 
 
@@ -407,11 +407,12 @@ def _wrap_sample(original):
         _sample_padded_rows_from_p(self, raw_logits, output, first_rows, [
             i for i in sampled_here
             if i in state.padded_rows and i not in state.resampled_rows])
-        scoring = any(row is not None and row.forced for row in rows)
-        if scoring:
-            _force_prompt_tokens(output.sampled_token_ids, rows, drafts, verified, output_lens)
+        scoring = None
+        if any(row is not None and row.forced for row in rows):
+            scoring = hook.ScoringStep(
+                None if verified is None else verified.draft_token_ids, output_lens)
         stats = hook.finalize_step(output.sampled_token_ids, raw_logits, bonus_rows, first,
-                                   emitting, state)
+                                   emitting, state, scoring)
         if self.speculative_config is not None:
             context.next_drafts = _next_drafts(
                 list(self.input_batch.req_ids), rows, output_lens, state.emitted,
@@ -428,16 +429,6 @@ def _wrap_sample(original):
 def _wants_logprobs(rows: list[hook.RowAlignment | None]) -> bool:
     return any(row is not None and (row.mixes or row.forced) and row.logprobs is not None
                for row in rows)
-
-
-def _force_prompt_tokens(sampled: torch.Tensor, rows: list[hook.RowAlignment | None],
-                         drafts: list[int], metadata: Any, output_lens: np.ndarray) -> None:
-    """Scoring rows output the prompt's tokens (``verification_hook.force_tokens``)."""
-    host = sampled.cpu().numpy().copy()
-    draft_tokens = (np.zeros(0, dtype=np.int64) if metadata is None
-                    else metadata.draft_token_ids.cpu().numpy())
-    if hook.force_tokens(host, rows, drafts, draft_tokens, output_lens):
-        sampled.copy_(torch.from_numpy(host).to(sampled.device))
 
 
 def _logprobs_under_pi(runner: Any, output: Any, raw_logits: torch.Tensor,
@@ -483,21 +474,21 @@ def _logprobs_under_pi(runner: Any, output: Any, raw_logits: torch.Tensor,
         p_rows += [(i * width + j, plain_row - n + j) for j in range(with_q, n + 1)]
     device = raw_logits.device
     if p_rows:
-        out_index = torch.as_tensor([r for r, _ in p_rows], device=device)
+        out_index = hook.to_device([r for r, _ in p_rows], device)
         log_p = raw_logits.index_select(
-            0, torch.as_tensor([r for _, r in p_rows], device=device)).float().log_softmax(-1)
+            0, hook.to_device([r for _, r in p_rows], device)).float().log_softmax(-1)
         _write_logprobs(tensors, out_index, log_p, output.sampled_token_ids, num_logprobs)
     if not out_rows:
         return
     metadata = runner.input_batch.sampling_metadata
-    owner_index = torch.as_tensor(owners, device=device)
+    owner_index = hook.to_device(owners, device)
     temperature = (torch.ones(len(owners), device=device) if metadata.temperature is None
                    else metadata.temperature.index_select(0, owner_index))
     log_pi = hook.unscaled_log_pi(
-        raw_logits.index_select(0, torch.as_tensor(logit_rows, device=device)),
+        raw_logits.index_select(0, hook.to_device(logit_rows, device)),
         torch.cat(q_parts).to(device), temperature, state.rows, np.asarray(owners),
     )
-    _write_logprobs(tensors, torch.as_tensor(out_rows, device=device), log_pi,
+    _write_logprobs(tensors, hook.to_device(out_rows, device), log_pi,
                     output.sampled_token_ids, num_logprobs)
 
 
@@ -749,14 +740,14 @@ class WrongModelRunnerError(RuntimeError):
 
 
 def _wrap_make_model_runner(original):
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
     def _make_model_runner(self):
         """The CUDA worker's runner must be the V1 ``GPUModelRunner`` the hook patches.
         ``VLLM_USE_V2_MODEL_RUNNER=0`` travels to workers in the environment, and under
         Ray a node's own value wins over the driver's (vLLM's Ray executor applies driver
         variables with ``setdefault``): such a worker fails here, naming what it built,
         instead of serving p silently."""
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
         runner = original(self)
         if settings_of(self.vllm_config) is not None and not isinstance(runner,
                                                                          GPUModelRunner):
