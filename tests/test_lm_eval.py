@@ -51,6 +51,21 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     return start, whole[len(start):]
 
 
+def _evaluate(server: dict, task: str, task_dir: Path, more_args: str = "") -> dict:
+    """The harness's ``local-completions`` model on the server, four requests at a time."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=(f"base_url={server['url']}/v1/completions,model=kad-tiny,"
+                    "tokenizer_backend=remote,tokenized_requests=True,num_concurrent=4,"
+                    f"max_retries=1{more_args}"),
+        tasks=[task], task_manager=TaskManager(include_path=str(task_dir)),
+        log_samples=True, batch_size=4,
+    )
+
+
 def _reference_loglikelihood(reference, context_ids: list[int], continuation: list[int]):
     ids = context_ids + continuation
     total = 0.0
@@ -62,8 +77,6 @@ def _reference_loglikelihood(reference, context_ids: list[int], continuation: li
 
 def test_lm_eval_multiple_choice_accuracy_is_that_of_pi(tiny_pair, tmp_path,
                                                         reference_factory, monkeypatch):
-    import lm_eval
-    from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -74,14 +87,7 @@ def test_lm_eval_multiple_choice_accuracy_is_that_of_pi(tiny_pair, tmp_path,
                      gamma=5)
     try:
         _wait_ready(server)
-        results = lm_eval.simple_evaluate(
-            model="local-completions",
-            model_args=(f"base_url={server['url']}/v1/completions,model=kad-tiny,"
-                        "tokenizer_backend=remote,tokenized_requests=True,num_concurrent=4,"
-                        "max_retries=1"),
-            tasks=["kad_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
-            log_samples=True, batch_size=4,
-        )
+        results = _evaluate(server, "kad_tiny_mc", tmp_path)
     finally:
         _stop(server)
     accuracy = results["results"]["kad_tiny_mc"]["acc,none"]
@@ -106,3 +112,84 @@ def test_lm_eval_multiple_choice_accuracy_is_that_of_pi(tiny_pair, tmp_path,
         correct += int(max(range(len(expected)), key=expected.__getitem__) == item["answer"])
     assert accuracy == pytest.approx(correct / len(items))
     assert os.environ.get("HF_DATASETS_OFFLINE") == "1"
+
+
+ROLLING_TEXT = (
+    "The river ran past the old mill, and the miller counted his sacks of grain twice "
+    "before the market opened. Seven carts came down the hill road that morning, each "
+    "carrying apples, pears or cheese, and the children ran beside them shouting the "
+    "prices they had heard the day before. By noon the square was full: a fiddler played "
+    "near the well, two dogs argued over a bone, and the baker sold his last loaf to a "
+    "traveller who had walked from the coast with nothing but a map and a borrowed coat. "
+)
+
+
+def test_lm_eval_loglikelihood_rolling_with_concurrent_windows(tiny_pair, tmp_path,
+                                                               reference_factory,
+                                                               monkeypatch):
+    """Perplexity of texts several windows long at ``num_concurrent=4``: the harness sends
+    each document's windows as scoring requests at the same time (where one document's
+    total was once off by 103.6 nats). Each total equals the reference's sum over the
+    harness's own windows: log pi at every scored position, log p at a window's second
+    token (position 1, docs/api.md)."""
+    from lm_eval import utils
+    from lm_eval.api.registry import get_model
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    texts = [ROLLING_TEXT * 2, ROLLING_TEXT[60:] + ROLLING_TEXT]
+    data = tmp_path / "rolling.json"
+    data.write_text(json.dumps([{"text": text} for text in texts]))
+    (tmp_path / "kad_tiny_rolling.yaml").write_text(f"""task: kad_tiny_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+""")
+    max_length = 64
+    server = _launch(tiny_pair, tmp_path, alignment={"rule": "kad_dual", "lam": 0.4},
+                     gamma=5)
+    try:
+        _wait_ready(server)
+        results = _evaluate(server, "kad_tiny_rolling", tmp_path,
+                            f",max_length={max_length}")
+        # The harness's own tokens and window prefix (its remote tokenizer's bos or eos).
+        harness = get_model("local-completions").create_from_arg_string(
+            f"base_url={server['url']}/v1/completions,model=kad-tiny,"
+            f"tokenizer_backend=remote,tokenized_requests=True,max_length={max_length}")
+        prefix, encode = harness.prefix_token_id, harness.tok_encode
+        window = harness.max_length - 1  # the harness keeps one position for generation
+        encoded = {text: encode(text) for text in texts}
+    finally:
+        _stop(server)
+    samples = sorted(results["samples"]["kad_tiny_rolling"], key=lambda s: s["doc_id"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_pair.draft))
+    reference = reference_factory("kad_dual", 0.4, temperature=1.0)
+    windows_seen = 0
+    for text, sample in zip(texts, samples):
+        arguments = sample["arguments"][0]
+        string = arguments["arg_0"] if isinstance(arguments, dict) else arguments[0]
+        assert string == text
+        assert encoded[text] == tokenizer.encode(text, add_special_tokens=False)
+        total = 0.0
+        windows = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+            token_list=encoded[text], prefix_token=prefix, max_seq_len=window,
+            context_len=1))
+        for context, continuation in windows:
+            windows_seen += 1
+            ids = context + continuation
+            for t in range(len(context), len(ids)):
+                p, _, pi = reference.next_distributions(ids[:t])
+                total += math.log(float((p if t == 1 else pi)[ids[t]]))
+        response = sample["resps"][0]
+        value = response[0] if isinstance(response, (list, tuple)) else response
+        assert value == pytest.approx(total, abs=2e-3), text[:30]
+    assert windows_seen >= 8  # several windows per document, scored concurrently
