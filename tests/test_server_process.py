@@ -231,11 +231,17 @@ def test_sigterm_to_the_process_group_drains_16_streams_and_exits_zero(server):
 
     def complete():
         plain["response"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
-            "model": "kad-tiny", "prompt": "Count", "max_tokens": 40, "seed": 1})
+            "model": "kad-tiny", "prompt": "Count", "max_tokens": 400, "seed": 1,
+            "ignore_eos": True})
 
-    workers.append(threading.Thread(target=complete))
+    # The non-streaming request is admitted before the signal (a connection made after it
+    # is refused: the listening socket closes first, which is the drain's design).
+    first = threading.Thread(target=complete)
+    first.start()
+    wait_until(lambda: _running(url) >= 1, 120, "the non-streaming request was not admitted")
     for worker in workers:
         worker.start()
+    workers.append(first)
     wait_until(lambda: all(out.get("started") for out in streams), 120, "streams did not start")
     os.killpg(server["process"].pid, signal.SIGTERM)
     for worker in workers:
