@@ -7,10 +7,10 @@ is kept at module level or pushed into vLLM's objects. A context never crosses a
 pickled (vLLM ships its config to the engine core and workers) it arrives empty.
 
 What it carries between the calls of one engine step, all keyed by request id or read in
-vLLM's own batch order (``input_batch.req_ids``), never by call counts or shape guesses:
+vLLM's own batch order (``input_batch.req_ids``), never by call counts or shape guesses
+(the step in progress itself reaches the module-level ``rejection_sample`` through a
+ContextVar scoped to one ``_sample`` call, ``vllm_patches._STEP_IN_PROGRESS``):
 
-* ``step``: the step's ``StepState``, from the start of ``_sample`` to its end (the wrapped
-  ``rejection_sample`` and ``_get_spec_decode_draft_probs`` read it);
 * ``next_drafts``: per request id, what the next proposal must do for it (greedy draft,
   forced prompt tokens), computed once ``_sample`` knows what each request emitted;
 * ``draft_pass``: the proposal in progress (``DraftPass``), set around the runner's
@@ -128,7 +128,6 @@ class HookContext:
     """The hook's state in one process for one engine (see the module docstring)."""
 
     draft_probs: DraftProbStore = field(default_factory=DraftProbStore)
-    step: Any = None  # verification_hook.StepState during ``_sample``
     next_drafts: dict[str, NextDrafts] = field(default_factory=dict)
     draft_pass: DraftPass | None = None
     sender: StatsSender | None = None
