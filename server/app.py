@@ -26,7 +26,8 @@ from server.admission import Admission
 from server.config import ServeConfig
 from server.engine import Engine, build_engine
 from server.errors import APIError, error_response, install_error_handlers
-from server.limits import BodyLimitMiddleware
+from server.json_body import StrictJSONMiddleware
+from server.limits import BodyLimitMiddleware, RequestHeadMiddleware
 from server.metrics import MetricsMiddleware, ServerMetrics
 from server.prompts import encode_chat, encode_text, render_messages, surely_too_long
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -170,8 +171,12 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
     app = FastAPI(title="kad-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kad = state
     install_error_handlers(app)
+    # Outermost last: metrics, then the head's checks, the body's size and time, strict JSON.
+    app.add_middleware(StrictJSONMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_body_bytes,
                        timeout_s=config.server.request_body_timeout_s)
+    app.add_middleware(RequestHeadMiddleware, max_header_bytes=config.server.max_header_bytes,
+                       max_header_count=config.server.max_header_count)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=_ROUTES)  # outermost
 
     def authorize(request: Request) -> None:

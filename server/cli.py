@@ -1,6 +1,6 @@
 """``kad-serve``: load a config, apply command-line overrides, serve until SIGTERM.
 
-On SIGTERM (or Ctrl-C) uvicorn stops accepting connections while the app answers 503 to
+SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored. On SIGTERM (or Ctrl-C) uvicorn stops accepting connections while the app answers 503 to
 new requests, lets in-flight requests finish for ``server.shutdown_grace_s`` seconds and
 then aborts the rest in the engine (their streams end with ``finish_reason: "abort"``);
 then the engine shuts down and the process exits 0. The same holds for SIGTERM or SIGINT
@@ -28,6 +28,7 @@ from types import FrameType
 import uvicorn
 
 from server.config import ConfigError, ServeConfig, load_config, looks_like_hub_id
+from server.http_server import uvicorn_config
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Signals whose default action would kill the server at once, cutting every stream. None
+# has a job here: there is no config to reload and logs go to stderr, rotated by whoever
+# collects them, and a closed terminal (SIGHUP) should not stop a server. Logged, ignored.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _ignore(sig: int, frame: FrameType | None) -> None:
+    logger.warning("%s ignored (kad-serve stops on SIGTERM or SIGINT)",
+                   signal.Signals(sig).name)
+
+
 def run(config: ServeConfig, engine_factory: Callable | None = None,
         log_level: str = "info") -> int:
     """Serve ``config`` until SIGTERM/SIGINT; returns the exit status (0 after a clean drain,
@@ -122,6 +134,8 @@ def run(config: ServeConfig, engine_factory: Callable | None = None,
     from server.app import create_app
     from server.engine import process_guard
 
+    for sig in IGNORED_SIGNALS:  # from the start: loading the models takes minutes
+        signal.signal(sig, _ignore)
     host, port = config.server.host, config.server.port
     try:
         sock = _bind(host, port)
@@ -142,11 +156,8 @@ def run(config: ServeConfig, engine_factory: Callable | None = None,
         sock.close()
         return 1
     server = DrainingServer(
-        uvicorn.Config(
-            app, host=config.server.host, port=config.server.port, log_level=log_level,
-            timeout_graceful_shutdown=config.server.shutdown_grace_s + _BACKSTOP_S,
-            access_log=False,
-        ),
+        uvicorn_config(app, config.server, log_level=log_level,
+                       timeout_graceful_shutdown=config.server.shutdown_grace_s + _BACKSTOP_S),
         on_exit=app.state.kad.begin_shutdown,
     )
     app.state.kad.request_exit = lambda: setattr(server, "should_exit", True)

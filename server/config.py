@@ -60,6 +60,18 @@ class ServerSettings(_Strict):
     max_request_body_bytes: int = Field(8 * 2**20, ge=1, description="request body bound")
     request_body_timeout_s: float = Field(60.0, gt=0, description="time to receive a body")
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # Connections, enforced by the HTTP protocol before the app sees a request
+    # (server.http_server): a request head (request line and headers) larger than
+    # max_header_bytes or with more than max_header_count headers gets 431; one not complete
+    # header_timeout_s after the connection opened (or the previous response ended) gets 408
+    # (or a silent close when nothing of it arrived); an idle keep-alive connection is
+    # closed after keep_alive_timeout_s; beyond max_connections open connections a new one
+    # gets 503 and is closed.
+    max_header_bytes: int = Field(32 * 2**10, ge=1024, description="request head bound")
+    max_header_count: int = Field(100, ge=8, description="headers per request")
+    header_timeout_s: float = Field(10.0, gt=0, description="time to receive a request head")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive time")
+    max_connections: int = Field(1024, ge=1, description="open connections")
 
     @field_validator("api_key")
     @classmethod

@@ -1,4 +1,11 @@
-"""What a client may send before the app reads its request: body size and body read time.
+"""What a client may send before the app reads its request: its head (HTTP version, header
+count and size) and its body (size and read time).
+
+``RequestHeadMiddleware`` checks the parsed head: HTTP/1.0 and 1.1 only (505 otherwise; the
+h11 parser reads any ``HTTP/d.d``), at most ``server.max_header_count`` headers and at most
+``server.max_header_bytes`` of request line and headers (431). The HTTP protocol
+(``server.http_server``) bounds what it buffers of an incomplete head by the same size and
+enforces the head's deadline; this check also covers a head that arrived whole in one read.
 
 Pure ASGI, in front of FastAPI, so nothing is parsed before these checks pass. A body larger
 than ``server.max_request_body_bytes`` gets 413: at once when its ``Content-Length`` says so,
@@ -15,6 +22,45 @@ import asyncio
 from starlette.responses import Response
 
 from server.errors import error_response
+
+
+_HTTP_VERSIONS = ("1.0", "1.1")
+
+
+class RequestHeadMiddleware:
+    def __init__(self, app, max_header_bytes: int, max_header_count: int) -> None:
+        self.app = app
+        self.max_header_bytes, self.max_header_count = max_header_bytes, max_header_count
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self._error(scope)
+        if error is None:
+            await self.app(scope, receive, send)
+        else:
+            await error(scope, receive, send)
+
+    def _error(self, scope) -> Response | None:
+        if scope.get("http_version") not in _HTTP_VERSIONS:
+            return error_response(505, "this server speaks HTTP/1.0 and HTTP/1.1 only",
+                                  code="http_version_not_supported",
+                                  headers={"Connection": "close"})
+        headers = scope.get("headers", ())
+        if len(headers) > self.max_header_count:
+            return error_response(
+                431, f"the request has {len(headers)} headers; this server accepts "
+                     f"{self.max_header_count} (server.max_header_count)",
+                code="request_header_too_large", headers={"Connection": "close"})
+        size = (len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+                + sum(len(name) + len(value) + 4 for name, value in headers))
+        if size > self.max_header_bytes:
+            return error_response(
+                431, f"the request head is larger than this server accepts "
+                     f"({self.max_header_bytes} bytes, server.max_header_bytes)",
+                code="request_header_too_large", headers={"Connection": "close"})
+        return None
 
 
 class _TooLarge(Exception):

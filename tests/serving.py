@@ -8,6 +8,9 @@ import threading
 import uvicorn
 from waiting import wait_until
 
+from server.config import ServerSettings
+from server.http_server import uvicorn_config
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -20,8 +23,11 @@ class ServerThread:
 
     def __init__(self, app) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        # The app's own connection limits, as `kad-serve` serves it.
+        state = getattr(getattr(app, "state", None), "kad", None)
+        settings = state.config.server if state is not None else ServerSettings()
+        self.server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_until(lambda: self.server.started, 20, "server did not start")

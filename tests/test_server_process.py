@@ -220,6 +220,30 @@ def _running(url: str) -> float:
                 if line.startswith("kad_requests_running"))
 
 
+def test_sighup_and_sigusr_to_the_process_group_change_nothing(server):
+    """A terminal hangup, a log rotator's HUP or a stray USR1/USR2 (each to the whole
+    group): every stream runs to its end with [DONE], the server keeps serving."""
+    url = server["url"]
+    streams = [{} for _ in range(4)]
+    workers = [threading.Thread(target=_stream, args=(url, 150, out)) for out in streams]
+    for worker in workers:
+        worker.start()
+    wait_until(lambda: all(out.get("started") for out in streams), 120, "streams did not start")
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        os.killpg(server["process"].pid, sig)
+        time.sleep(0.2)
+    for worker in workers:
+        worker.join(timeout=120)
+    for out in streams:
+        assert out["done"] and not out["errors"] and out["reasons"] == ["length"], out
+        assert out["usage"]["completion_tokens"] == 150
+    assert server["process"].poll() is None, server["log"].read_text()[-3000:]
+    assert httpx.get(f"{url}/health").status_code == 200
+    log = server["log"].read_text()
+    for name in ("SIGHUP", "SIGUSR1", "SIGUSR2"):
+        assert f"{name} ignored" in log
+
+
 def test_sigterm_to_the_process_group_drains_16_streams_and_exits_zero(server):
     """What Ctrl-C or `kill -TERM -<pgid>` does: the engine processes do not see it (their
     own group), the API process drains: every stream finishes (or ends with finish_reason
