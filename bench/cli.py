@@ -12,6 +12,8 @@ SUBCOMMANDS: dict[str, str] = {
     "engine": "bench.engine",
     "serve": "bench.serve_bench",
     "hook": "bench.hook",
+    "soak": "bench.soak",
+    "dashboard": "bench.dashboard",
 }
 
 

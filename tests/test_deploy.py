@@ -3,6 +3,8 @@ for what it must do (GPUs, read-only models, secrets, health, profiles), Dockerf
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import shutil
@@ -125,10 +127,13 @@ def test_compose_gpu_services_and_monitoring():
         assert "--tensor-parallel-size" in service["command"]
         assert service["ports"] and "8000" in service["ports"][0]
     assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["grafana"]["profiles"] == ["monitoring"]
     assert services["cpu-demo"]["profiles"] == ["cpu"]
     scrape = yaml.safe_load((REPO / "docker/prometheus/prometheus.yml").read_text())
     targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert {t.split(":")[0] for t in targets} == {"olmo2", "qwen3"}
+    servers = {name for name, service in services.items()
+               if service.get("image", "").startswith("kad-serve:")}
+    assert {t.split(":")[0] for t in targets} == servers == {"olmo2", "qwen3", "cpu-demo"}
     assert scrape["scrape_configs"][0]["metrics_path"] == "/metrics"
     env = (REPO / "docker/.env.example").read_text()
     assert "KAD_TP_SIZE" in env and "KAD_MODELS_DIR" in env
@@ -237,3 +242,177 @@ def test_requires_python_admits_the_gpu_images_python():
     assert f"{found.group(1)}.0" in admitted
     assert f"{sys.version_info.major}.{sys.version_info.minor}.0" in admitted
     assert "check_pinned_internals" not in dockerfile  # imports the GPU runner: at start
+
+
+# --- compose: no collisions, caches, monitoring ----------------------------------------------
+COMPOSE_FILES = ["compose.yaml", "ray/compose.two-node.yaml"]
+# The Compose Specification's JSON schema (compose-spec/compose-spec, Apache-2.0, with its
+# LICENSE and SOURCE beside it). It is reference data kept outside this repository, in the
+# shared data directory next to the checkout, or where KAD_COMPOSE_SCHEMA points.
+COMPOSE_SCHEMA = Path(os.environ.get(
+    "KAD_COMPOSE_SCHEMA", REPO.parent / "shared/data/compose-spec/compose-spec.json"))
+
+
+def _gpus(service: dict) -> list[dict]:
+    return (service.get("deploy", {}).get("resources", {}).get("reservations", {})
+            .get("devices", []))
+
+
+def _interpolated(value):
+    """The compose document as compose reads it with no .env: every ``${VAR:-default}``
+    its default, a string (the schema admits strings wherever compose interpolates)."""
+    if isinstance(value, dict):
+        return {key: _interpolated(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolated(item) for item in value]
+    return _default(value) if isinstance(value, str) else value
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_files_validate_against_the_compose_specification(name):
+    import jsonschema
+
+    if not COMPOSE_SCHEMA.exists():
+        pytest.skip(f"the Compose Specification schema is not at {COMPOSE_SCHEMA} "
+                    "(reference data outside the repository; set KAD_COMPOSE_SCHEMA)")
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    document = _interpolated(_compose(REPO / "docker" / name))
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(document), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+    # The check can fail: a misspelt key is refused.
+    broken = json.loads(json.dumps(document))
+    next(iter(broken["services"].values()))["restart_policy"] = "always"
+    assert not jsonschema.Draft7Validator(schema).is_valid(broken)
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_a_plain_up_starts_nothing_that_competes_for_a_gpu(name):
+    """Docker gives ``count: N`` as devices 0..N-1 to every service: two GPU services
+    started together share GPUs. Each GPU service is in a profile of its own (a plain `up`
+    starts none), except a file's single GPU service; no profile holds two."""
+    services = _compose(REPO / "docker" / name)["services"]
+    gpu_services = {n: s for n, s in services.items() if _gpus(s)}
+    unprofiled = [n for n, s in gpu_services.items() if not s.get("profiles")]
+    by_profile: dict[str, list[str]] = {}
+    for service_name, service in gpu_services.items():
+        for profile in service.get("profiles", []):
+            by_profile.setdefault(profile, []).append(service_name)
+    if name == "compose.yaml":
+        assert unprofiled == [], "a plain `docker compose up` would start these on GPU 0"
+        assert all(len(members) == 1 for members in by_profile.values()), by_profile
+    else:  # one node of the two-node deployment: the head, or (profile) the worker
+        assert len(unprofiled) <= 1 and all(len(m) == 1 for m in by_profile.values())
+
+
+def test_gpu_services_keep_vllms_cache_and_results_on_named_volumes():
+    compose = _compose(REPO / "docker" / "compose.yaml")
+    declared = set(compose.get("volumes", {}))
+    for service_name in ("olmo2", "qwen3", "cpu-demo"):
+        service = compose["services"][service_name]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        assert mounts.get("/cache") in declared and mounts.get("/results") in declared
+        assert service["environment"]["VLLM_CACHE_ROOT"].startswith("/cache/")
+        if _gpus(service):
+            assert "kad_api_key" in service["secrets"]
+            assert "--api-key-file" in service["command"]
+            assert any(v.endswith(":/models:ro") for v in service["volumes"])
+            assert service["healthcheck"]["test"]
+    for dockerfile in ("Dockerfile", "Dockerfile.cpu"):
+        text = (REPO / "docker" / dockerfile).read_text()
+        # a fresh named volume takes its mount point's owner: the server's user must own it
+        assert re.search(r"mkdir -p /cache/vllm.*/results && chown -R kad /cache /results", text)
+        assert "VLLM_CACHE_ROOT=/cache/vllm" in text
+
+
+def test_the_readmes_compose_commands_start_exactly_one_pair():
+    compose = _compose(REPO / "docker" / "compose.yaml")
+    services = compose["services"]
+    text = (REPO / "docs/deployment.md").read_text() + (REPO / "README.md").read_text()
+    commands = re.findall(r"docker compose -f docker/compose\.yaml[^\n`]*\bup\b[^\n`]*", text)
+    assert commands
+    for command in commands:
+        words = command.split()
+        profiles = {words[i + 1] for i, word in enumerate(words) if word == "--profile"}
+        named = [w for w in words[words.index("up") + 1:] if not w.startswith("-")]
+        started = set(named) or {n for n, s in services.items()
+                                 if set(s.get("profiles", [])) & profiles
+                                 or not s.get("profiles")}
+        gpu = [n for n in started if _gpus(services[n])]
+        assert len(gpu) <= 1, (command, gpu)
+
+
+def test_grafana_is_provisioned_with_the_prometheus_datasource_and_the_dashboard():
+    compose = _compose(REPO / "docker" / "compose.yaml")
+    grafana = compose["services"]["grafana"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
+    provisioning = REPO / "docker" / mounts["/etc/grafana/provisioning"]
+    dashboards = REPO / "docker" / mounts["/var/lib/grafana/dashboards"]
+    source = yaml.safe_load((provisioning / "datasources/prometheus.yaml").read_text())
+    datasource = source["datasources"][0]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards/kad-serve.yaml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    dashboard = json.loads((dashboards / "kad-serve.json").read_text())
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == datasource["uid"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == datasource["uid"]
+    assert "grafana_admin_password" in grafana["secrets"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"].startswith("/run/secrets/")
+
+
+# What an operator must see (issue list); each a substring of some panel's queries.
+DASHBOARD_MUST_SHOW = {
+    "tokens per second": "rate(kad_generation_tokens_total",
+    "requests running": "vllm:num_requests_running", "requests waiting": "vllm:num_requests_waiting",
+    "TTFT percentiles": "histogram_quantile(0.95, sum by (le) (rate(kad_time_to_first_token",
+    "inter-token latency": "histogram_quantile(0.95, sum by (le) (rate(vllm:inter_token_latency",
+    "acceptance by rule": "sum by (rule) (rate(kad_accepted_tokens_total",
+    "deferred mass by rule": "sum by (rule) (rate(kad_deferred_mass_total",
+    "inexact tokens": "kad_inexact_tokens_total", "degraded tokens": "kad_degraded_tokens_total",
+    "KV-cache use": "vllm:kv_cache_usage_perc", "preemptions": "vllm:num_preemptions_total",
+}
+
+
+def test_the_dashboard_shows_what_an_operator_needs_and_every_query_evaluates():
+    from bench.dashboard import DASHBOARD, Query
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    for what, fragment in DASHBOARD_MUST_SHOW.items():
+        assert any(fragment in query for query in queries), what
+    for query in queries:  # within the renderer's PromQL subset: no silent gap
+        Query(query).evaluate({})
+
+
+def test_rendered_panels_compute_what_prometheus_would():
+    """A counter rising 10 per second reads 10/s, a histogram's p50 and p95 interpolate
+    within buckets, a ratio divides rule by rule."""
+    from bench.dashboard import Query
+
+    times = [0.0, 5.0, 10.0, 15.0]
+    counter = {(("rule", "kad_dual 0.4"),): [(t, 10.0 * t) for t in times],
+               (("rule", "base"),): [(t, 4.0 * t) for t in times]}
+    drafted = {labels: [(t, 2 * v) for t, v in points] for labels, points in counter.items()}
+    buckets = {(("endpoint", "/v1/completions"), ("le", le)): [(t, c * t) for t in times]
+               for le, c in (("0.1", 0.0), ("0.5", 5.0), ("1.0", 9.0), ("+Inf", 10.0))}
+    samples = {"kad_generation_tokens_total": counter, "kad_accepted_tokens_total": counter,
+               "kad_drafted_tokens_total": drafted,
+               "kad_time_to_first_token_seconds_bucket": buckets}
+    rate = Query('sum by (rule) (rate(kad_generation_tokens_total{instance=~"$instance"}[1m]))'
+                 ).evaluate(samples)
+    assert rate[(("rule", "kad_dual 0.4"),)][-1][1] == pytest.approx(10.0)
+    assert rate[(("rule", "base"),)][-1][1] == pytest.approx(4.0)
+    total = Query("sum(rate(kad_generation_tokens_total[1m]))").evaluate(samples)
+    assert total[()][-1][1] == pytest.approx(14.0)
+    ratio = Query("sum by (rule) (rate(kad_accepted_tokens_total[5m])) / "
+                  "sum by (rule) (rate(kad_drafted_tokens_total[5m]))").evaluate(samples)
+    assert len(ratio) == 2 and all(v[-1][1] == pytest.approx(0.5) for v in ratio.values())
+    # cumulative rates 0 / 5 / 9 / 10 at le 0.1 / 0.5 / 1.0 / +Inf: interpolated within
+    # the bucket holding the rank; a rank in +Inf reads the highest finite bound
+    for q, expected in ((0.3, 0.1 + 0.4 * 3 / 5), (0.7, 0.5 + 0.5 * 2 / 4), (0.95, 1.0)):
+        value = Query(f"histogram_quantile({q}, sum by (le) "
+                      "(rate(kad_time_to_first_token_seconds_bucket[5m])))").evaluate(samples)
+        assert value[()][-1][1] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="subset"):
+        Query("avg_over_time(kad_requests_running[5m])").evaluate(samples)

@@ -280,3 +280,31 @@ def test_a_prompt_found_in_the_prefix_cache_is_still_exact(tiny_engine, referenc
             )[0]
             assert got.token_ids == expected, (block, attempt)
             assert got.stats.inexact == 0, (block, attempt)
+
+
+def test_every_dashboard_query_reads_series_the_server_exports(tiny_engine, prompt):
+    """The Grafana dashboard's queries name series that a real server's /metrics has: the
+    app's kad_* (as the endpoints record them) and vLLM's own, from this engine."""
+    import json
+    import re
+
+    from prometheus_client import generate_latest
+
+    from bench.dashboard import DASHBOARD
+    from server.metrics import ServerMetrics
+
+    tiny_engine.complete_many(
+        [prompt], [SamplingOptions(max_tokens=4, seed=5, ignore_eos=True)],
+        [AlignmentSettings(rule="kad_dual", lam=0.4)], timeout=300)
+    metrics = ServerMetrics(tiny_engine.engine.totals, lambda: 0,
+                            tiny_engine.engine.metrics_registry)
+    metrics.first_token.labels("/v1/completions").observe(0.1)  # what a request records
+    metrics.generation_tokens.labels("kad_dual 0.4").inc(4)
+    metrics.requests.labels("/v1/completions", "200").inc()
+    exported = {line.split("{")[0].split(" ")[0]
+                for line in generate_latest(metrics.registry).decode().splitlines()
+                if line and not line.startswith("#")}
+    dashboard = json.loads(DASHBOARD.read_text())
+    named = {name for panel in dashboard["panels"] for target in panel["targets"]
+             for name in re.findall(r"([a-z_:]+)(?:\{|\[)", target["expr"])}
+    assert named and named <= exported, named - exported
