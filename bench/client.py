@@ -15,3 +15,8 @@ def openai_base_url(url: str) -> str:
     if parts.path in ("", "/"):
         parts = parts._replace(path="/v1")
     return urlunsplit(parts)
+
+
+def server_root_url(url: str) -> str:
+    """``http://host:8000/v1`` -> ``http://host:8000``: where ``/health`` and ``/metrics`` are."""
+    return openai_base_url(url).removesuffix("/v1")

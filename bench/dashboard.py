@@ -18,6 +18,7 @@ gap in the picture.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -153,7 +154,7 @@ def _over_window(points: list[tuple[float, float]], window: float, per_second: b
         if len(inside) < 2:
             continue
         rise = sum(b - a if b >= a else b
-                   for (_, a), (_, b) in zip(inside, inside[1:], strict=False))
+                   for (_, a), (_, b) in itertools.pairwise(inside))
         span = inside[-1][0] - inside[0][0]
         result.append((t, rise / span if per_second else rise * window / span))
     return result

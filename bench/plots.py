@@ -140,6 +140,65 @@ def plot_ttft(records: list[dict[str, Any]], path: Path) -> Path:
                                 "time to first token (ms)", "TTFT vs concurrency", scale=1e3)
 
 
+def plot_soak(summary: dict[str, Any], path: Path) -> Path:
+    """A ``kad-bench soak`` summary over time: tokens/s, latency percentiles per bucket
+    (minute), and the sampled ``kad_requests_running`` and server RSS; shaded spans mark
+    the engine core's SIGSTOPs, dotted lines the bursts past the queue bound."""
+    rows = summary["per_minute"]
+    width = summary.get("bucket_seconds", 60.0) / 60.0
+    mids = [(r["from_s"] + r["to_s"]) / 120.0 for r in rows]
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 8.4), sharex=True)
+    top.plot(mids, [r["tokens_per_s"] for r in rows], marker="o", color="tab:brown",
+             label="tokens/s")
+    top.set_ylabel("tokens/s (completed)")
+    rate = top.twinx()
+    rate.plot(mids, [r["requests_per_s"] for r in rows], marker="s", linestyle="--",
+              color="tab:gray", label="requests/s")
+    rate.set_ylabel("requests/s")
+    top.set_ylim(bottom=0)
+    rate.set_ylim(bottom=0)
+    top.legend(handles=top.get_lines() + rate.get_lines(), fontsize=7, loc="lower left")
+    for key, label, colour, style in [("ttft_p50_s", "TTFT p50", "tab:blue", "-"),
+                                      ("ttft_p95_s", "TTFT p95", "tab:blue", "--"),
+                                      ("total_p50_s", "total p50", "tab:red", "-"),
+                                      ("total_p95_s", "total p95", "tab:red", "--")]:
+        points = [(x, r[key] * 1e3) for x, r in zip(mids, rows, strict=True)
+                  if r[key] is not None]
+        if points:
+            middle.plot(*zip(*points, strict=True), marker="o", color=colour,
+                        linestyle=style, label=label)
+    middle.set_ylabel("latency (ms)")
+    middle.set_yscale("log")
+    middle.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    samples = summary.get("samples") or []
+    start = summary.get("load_start_s", 0.0)
+    xs = [(s["t"] - start) / 60.0 for s in samples if s.get("running") is not None]
+    bottom.step(xs, [s["running"] for s in samples if s.get("running") is not None],
+                where="post", color="tab:green", label="kad_requests_running")
+    bottom.set_ylabel("kad_requests_running")
+    bottom.set_ylim(bottom=0)
+    memory = bottom.twinx()
+    rss = [((s["t"] - start) / 60.0, s["rss"] / 2**20) for s in samples if s.get("rss")]
+    if rss:
+        memory.plot(*zip(*rss, strict=True), color="tab:purple", label="RSS, server + engine")
+        memory.set_ylabel("RSS (MiB)")
+    bottom.legend(handles=bottom.get_lines() + memory.get_lines(), fontsize=7,
+                  loc="lower left")
+    for ax in (top, middle, bottom):
+        for fault in summary.get("faults") or []:
+            at = (fault["at_s"] - start) / 60.0
+            ax.axvspan(at, at + fault["seconds"] / 60.0, color="tab:orange", alpha=0.3)
+        for burst in summary.get("bursts") or []:
+            ax.axvline((burst["at_s"] - start) / 60.0, color="black", linestyle=":",
+                       linewidth=0.8)
+    bottom.set_xlabel(f"minutes of load (rows of {width:g} min; orange: engine SIGSTOP, "
+                      "dotted: bursts)")
+    top.set_title(f"kad-bench soak: {summary.get('load_seconds', 0):g} s, concurrency "
+                  f"{summary.get('concurrency')}, lost {summary.get('lost')}, "
+                  f"inexact {summary.get('inexact')}")
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
-from kad_kernels.rules import PARAM_NAMES, RULE_SPECS, check_named_param
+from kad_kernels.rules import PARAM_NAMES, RULE_SPECS, RULES, check_named_param
+from server.errors import clip
 
 
 class AlignmentSettings(BaseModel):
@@ -26,6 +27,9 @@ class AlignmentSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AlignmentSettings:
+        if self.rule not in RULES:  # the kernels' message would quote the whole name
+            raise ValueError(f"unknown rule {clip(self.rule)!r}; expected one of "
+                             f"{', '.join(RULES)}")
         given = {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
         check_named_param(self.rule, given)  # the kernels' own check: names, ranges, messages
         return self

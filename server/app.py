@@ -25,7 +25,7 @@ from server import generation
 from server.admission import Admission
 from server.config import ServeConfig
 from server.engine import Engine, build_engine
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import APIError, clip, error_response, install_error_handlers
 from server.json_body import StrictJSONMiddleware
 from server.limits import BodyLimitMiddleware, RequestHeadMiddleware
 from server.metrics import MetricsMiddleware, ServerMetrics
@@ -207,7 +207,7 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
 
     def check_model(model: str) -> None:
         if model != engine.served_model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+            raise APIError(404, f"The model {clip(model)!r} does not exist; this server serves "
                                 f"'{engine.served_model_name}'", "model", "model_not_found")
 
     async def run_job(body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
@@ -271,7 +271,7 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
         return await run_job(body, [prompt], "chat.completion", "/v1/chat/completions",
                              request)
 
-    add_tokenizer_routes(app, engine, authorize, check_model)
+    add_tokenizer_routes(app, engine, authorize, check_model, config.server)
     return app
 
 

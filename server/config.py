@@ -72,6 +72,15 @@ class ServerSettings(_Strict):
     header_timeout_s: float = Field(10.0, gt=0, description="time to receive a request head")
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive time")
     max_connections: int = Field(1024, ge=1, description="open connections")
+    # /tokenize and /detokenize (server.tokenizer_endpoints): a /tokenize prompt (or the
+    # content of its messages) longer than max_tokenize_chars characters gets 400 before it
+    # is tokenized; one that encodes to more than max_tokenize_tokens tokens, and a
+    # /detokenize list longer than that, get 400 too. Deliberately not the context window:
+    # evaluation harnesses (lm-evaluation-harness' remote tokenizer) tokenize whole
+    # documents and cut them into windows themselves.
+    max_tokenize_chars: int = Field(2**20, ge=1, description="characters per /tokenize")
+    max_tokenize_tokens: int = Field(2**18, ge=1,
+                                     description="tokens per /tokenize or /detokenize")
 
     @field_validator("api_key")
     @classmethod

@@ -29,6 +29,20 @@ _TYPES = {
 }
 
 
+# How much of a client's value an error message quotes ("unknown rule 'xxx...'"): enough to
+# recognise it, never the 100 kB a client sent. Every message is cut at MESSAGE_LIMIT too
+# (``error_body``), a backstop for text that quotes a client's value in a way no caller cut.
+ECHO_LIMIT = 200
+MESSAGE_LIMIT = 1000
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` as an error message may quote it: its first ``limit`` characters, then
+    "..." when it was longer. Every value a client sent that an error message echoes goes
+    through here (``f"unknown rule {clip(rule)!r}"``)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class APIError(Exception):
     """Raised anywhere in a request; rendered as the OpenAI error object."""
 
@@ -40,8 +54,9 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": clip(message, MESSAGE_LIMIT),
+                      "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": None if param is None else clip(param), "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -76,8 +91,8 @@ def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
     in_union = any(_is_type_tag(part) for part in raw_loc)
     if in_union:  # the field itself, not where inside one of its shapes it failed
         raw_loc = raw_loc[:next(i for i, part in enumerate(raw_loc) if _is_type_tag(part))]
-    loc = [str(part) for part in raw_loc]
-    field = ".".join(loc) or None
+    loc = [clip(str(part)) for part in raw_loc]  # keys of a client's object are its values
+    field = clip(".".join(loc)) or None
     message = str(error.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     if in_union and field and error.get("type") != "value_error":
@@ -108,9 +123,7 @@ def failure_message(exc: BaseException) -> str:
     pointers into the server's logs ("See stack trace (above) for the root cause")."""
     lines = str(exc).strip().splitlines()
     text = _INTERNAL_HINTS.sub("", lines[0] if lines else "").strip()
-    if len(text) > 300:
-        text = text[:300] + "..."
-    return text or type(exc).__name__
+    return clip(text, 300) or type(exc).__name__
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -26,7 +26,7 @@ from server.engine.interface import (
     SamplingOptions,
     TokenLogprob,
 )
-from server.errors import APIError, error_body, failure_message
+from server.errors import MESSAGE_LIMIT, APIError, clip, error_body, failure_message
 from server.logprobs_format import chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -96,13 +96,15 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
             "context_length_exceeded",
         )
     requested = body.requested_max_tokens
+    field = ("max_completion_tokens" if getattr(body, "max_completion_tokens", None)
+             else "max_tokens")  # the one the client set (chat takes either)
     if requested is not None and requested > room:
         raise APIError(
             400,
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
-            f"{requested} for the completion). Please reduce the prompt or max_tokens.",
-            "max_tokens",
+            f"{requested} for the completion). Please reduce the prompt or {field}.",
+            field,
             "context_length_exceeded",
         )
     if requested is None:  # not given: the endpoint's default, clamped to what remains
@@ -123,6 +125,8 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
 def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
               prompts: list[list[int]], kind: str) -> Job:
     """Submit every choice to the engine (errors in the settings surface here as 400)."""
+    if body.top_k is not None and body.top_k > 0:
+        body.check_vocabulary(len(engine.tokenizer))
     alignment = body.kad or engine.default_alignment
     echo = isinstance(body, CompletionRequest) and body.echo
     prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
@@ -140,7 +144,7 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
         try:
             stream = engine.generate(choice_id, prompt, sampling, alignment)
         except ValueError as exc:
-            raise APIError(400, str(exc), "kad") from exc
+            raise APIError(400, clip(str(exc), MESSAGE_LIMIT), "kad") from exc
         choice = Choice(index, choice_id, len(prompt), stream)
         if echo:
             choice.echo_ids = list(prompt)

@@ -23,7 +23,6 @@ from starlette.responses import Response
 
 from server.errors import error_response
 
-
 _HTTP_VERSIONS = ("1.0", "1.1")
 
 

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from server.alignment import AlignmentSettings
-from server.errors import APIError
+from server.errors import APIError, clip
 
 # Fields that change semantics and are not implemented: a 400 naming the field.
 UNSUPPORTED_FIELDS = (
@@ -51,6 +51,22 @@ MAX_N = 16
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI and vLLM's default max_logprobs
 MAX_STOP = 8
 MAX_MESSAGES = 8192
+# Integers a request hands to vLLM are bounded at int64's largest, the range of its tensors:
+# its requests reach the engine core as msgpack, which has no integer above 2**64 - 1 (a
+# top_k of 2**64 failed there, a 500 with nothing logged). A choice's seed is the request's
+# plus the choice's index: below 2**64 too, which torch's generators take.
+INT64_MAX = 2**63 - 1
+# The smallest repetition_penalty served. vLLM divides a repeated token's positive logit by
+# the penalty (and multiplies a negative one), in float32, and then divides by the
+# temperature, which vLLM raises to at least 0.01 (SamplingParams; greedy rows: 1): a logit
+# x becomes at most |x| / (0.01 * 0.01) = 1e4 |x|, finite in float32 (largest 3.4e38) for
+# every |x| up to 3.4e34, and the softmax of finite logits is finite. fp16 models cannot
+# emit a logit above 65504, and trained bf16 or float32 models emit logits of some tens (one
+# near 1e34 is a broken model, the fault the hook's "degraded" alarm is for): p and pi stay
+# finite. Far below the bound they do not: 1e-38 turns an ordinary logit of 10 into inf and
+# every position degrades (verified against p alone). Nobody wants a smaller penalty:
+# 0.01 already scales a repeated token's positive logit by 100.
+MIN_REPETITION_PENALTY = 0.01
 # Clients (and OpenAI itself) treat an explicit null as "use the default".
 _NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "ignore_eos", "max_tokens",
                        "logprobs", "top_logprobs", "echo", "repetition_penalty")
@@ -87,8 +103,9 @@ class _Common(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
     top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
-    top_k: StrictInt | None = Field(None, ge=-1)
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    # -1 and 0: no top-k; at most the vocabulary (``check_vocabulary``, with the engine's).
+    top_k: StrictInt | None = Field(None, ge=-1, le=INT64_MAX)
+    seed: StrictInt | None = Field(None, ge=0, le=INT64_MAX)
     stop: StrictStr | StopList | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
@@ -96,8 +113,9 @@ class _Common(BaseModel):
     user: str | None = None
     ignore_eos: StrictBool = False  # vLLM extension: generate max_tokens even past end-of-text
     # vLLM extension: logits of tokens already in the prompt or output are divided (if
-    # positive) or multiplied by it, on p before mixing, as vLLM does for its target.
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, strict=True)
+    # positive) or multiplied by it, on p before mixing, as vLLM does for its target. Bounded
+    # below where pi stays finite (MIN_REPETITION_PENALTY).
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=2.0, strict=True)
     kad: AlignmentSettings | None = None
 
     @model_validator(mode="before")
@@ -120,10 +138,18 @@ class _Common(BaseModel):
                                 "generated)")
                 if name == "response_format":
                     kind = extra[name].get("type") if isinstance(extra[name], dict) else None
-                    what = f"type {kind!r}" if isinstance(kind, str) else "this value"
+                    what = f"type {clip(kind)!r}" if isinstance(kind, str) else "this value"
                     message = (f"response_format {what} is not supported by this server; "
                                "only {\"type\": \"text\"} (plain text) is")
                 raise APIError(400, message, name, "unsupported_field")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """400 naming ``top_k`` when it is larger than the vocabulary (``len`` of the served
+        tokenizer): bounds that need the engine, checked before anything is submitted."""
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise APIError(400, f"invalid value for 'top_k': it must be at most the "
+                                f"vocabulary size {vocab_size} (0 or -1: no top-k), got "
+                                f"{self.top_k}", "top_k")
 
     @field_validator("model")
     @classmethod

@@ -9,19 +9,42 @@ the engine: chat messages go through the same rendering as ``/v1/chat/completion
 
 The tokenizer is loaded with the engine object, before the models are, so these endpoints
 answer while the engine loads; they need the API key like the OpenAI endpoints.
+
+Limits (``server.max_tokenize_chars``, ``server.max_tokenize_tokens``): tokenizing costs a
+few hundred bytes of memory per character at its peak (the Rust tokenizer's alignments and
+per-token records, then Python lists of ids and strings, then the JSON), so an unbounded
+``/tokenize`` lets a handful of clients hold gigabytes. A prompt, or the content of a chat,
+over the character cap is refused before it is tokenized; a result over the token cap is
+refused before its token strings and JSON are built; a ``/detokenize`` list over the token
+cap is refused before its ids are validated. Each is a 400 naming the field and the key.
+The caps are not the context window: lm-evaluation-harness (``tokenizer_backend=remote``)
+tokenizes whole documents and cuts them into windows itself.
+
+The work runs in worker threads (``/health`` keeps answering), the response's JSON included
+(FastAPI would otherwise serialize hundreds of thousands of ids on the event loop). At most
+``_LARGE_AT_ONCE`` large inputs are tokenized at a time, so a burst of at-cap requests costs
+that many tokenizations' memory, not one per request; small ones (nearly every document or
+prompt) never wait behind them. After a large one, glibc is asked to give freed memory back
+to the system: it otherwise keeps it in its per-thread arenas, and the process stays
+gigabytes larger after a burst.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
+import json
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import ValidationError
 
+from server.config import ServerSettings
 from server.engine import Engine
 from server.errors import APIError
 from server.prompts import encode_chat, encode_text, render_messages
@@ -37,11 +60,23 @@ ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 # (vLLM drops the first two).
 _PATH_FIELDS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# An input of more characters or tokens than this is "large": it waits for one of
+# _LARGE_AT_ONCE slots, and glibc's free memory is trimmed after it. 64Ki characters peak at
+# some tens of MB; a whole at-cap burst beyond the slots waits holding only its bodies.
+_LARGE = 2**16
+_LARGE_AT_ONCE = 2
+_LIMIT_CODE = "tokenize_limit_exceeded"
+_JSON_SLICE = 8192  # list items per json.dumps call (a millisecond or two each)
+
+T = TypeVar("T")
 
 
 def add_tokenizer_routes(app: FastAPI, engine: Engine, authorize: Callable[..., None],
-                         check_model: Callable[[str], None]) -> None:
-    """Registers the three endpoints with the app's auth and model check."""
+                         check_model: Callable[[str], None], settings: ServerSettings) -> None:
+    """Registers the three endpoints with the app's auth and model check, under the
+    tokenizing limits of ``settings`` (``max_tokenize_chars``, ``max_tokenize_tokens``)."""
+    max_chars, max_tokens = settings.max_tokenize_chars, settings.max_tokenize_tokens
+    large_slots = asyncio.Semaphore(_LARGE_AT_ONCE)
 
     def tokenizer() -> Any:
         if getattr(engine, "tokenizer", None) is None:
@@ -52,21 +87,58 @@ def add_tokenizer_routes(app: FastAPI, engine: Engine, authorize: Callable[..., 
         if model is not None:  # optional here, as in vLLM
             check_model(model)
 
+    async def in_thread(size: int, work: Callable[[], T]) -> T:
+        """``work()`` in a worker thread; a large one waits for a slot, which it holds until
+        the thread is done (a cancelled request's tokenizing still runs to its end)."""
+        if size <= _LARGE:
+            return await asyncio.to_thread(work)
+        await large_slots.acquire()
+        try:
+            future = asyncio.ensure_future(asyncio.to_thread(_trimmed, work))
+        except BaseException:
+            large_slots.release()
+            raise
+        future.add_done_callback(lambda task: _release(large_slots, task))
+        return await asyncio.shield(future)
+
     @app.post("/tokenize", dependencies=[Depends(authorize)])
-    async def tokenize(body: dict[str, Any]) -> dict[str, Any]:
+    async def tokenize(body: dict[str, Any]) -> Response:
         request = _validated(body)
         checked(request.model)
-        # Tokenizing megabytes takes seconds: off the event loop, like the OpenAI endpoints.
-        return await asyncio.to_thread(_tokenize, tokenizer(), request, engine.max_model_len)
+        chars = _characters(request)
+        if chars > max_chars:
+            field = "messages" if isinstance(request, TokenizeChatRequest) else "prompt"
+            what = "the content of 'messages'" if field == "messages" else "'prompt'"
+            raise APIError(400, f"{what} has {chars} characters; /tokenize takes at most "
+                                f"{max_chars} per request (server.max_tokenize_chars)",
+                           field, _LIMIT_CODE)
+        tok, max_model_len = tokenizer(), engine.max_model_len
+        return await in_thread(chars, functools.partial(
+            _tokenize, tok, request, max_model_len, max_tokens))
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        checked(body.model)
-        return {"prompt": await asyncio.to_thread(_detokenize, tokenizer(), body.tokens)}
+    async def detokenize(body: dict[str, Any]) -> Response:
+        # Counted before validating: a body-limit-sized list is millions of ids.
+        tokens = body.get("tokens")
+        if isinstance(tokens, list) and len(tokens) > max_tokens:
+            raise APIError(400, f"'tokens' has {len(tokens)} ids; /detokenize takes at most "
+                                f"{max_tokens} per request (server.max_tokenize_tokens)",
+                           "tokens", _LIMIT_CODE)
+        request = _validated_detokenize(body)
+        checked(request.model)
+        tok = tokenizer()
+        return await in_thread(len(request.tokens), functools.partial(
+            _detokenize, tok, request.tokens))
 
     @app.get("/tokenizer_info", dependencies=[Depends(authorize)])
     async def get_tokenizer_info() -> dict[str, Any]:
         return tokenizer_info(tokenizer(), engine.max_model_len)
+
+
+def _release(slots: asyncio.Semaphore, task: asyncio.Future) -> None:
+    slots.release()
+    if not task.cancelled():
+        task.exception()  # retrieved: a cancelled request's error has nobody to go to
 
 
 def _validated(body: dict[str, Any]) -> TokenizeCompletionRequest | TokenizeChatRequest:
@@ -80,22 +152,86 @@ def _validated(body: dict[str, Any]) -> TokenizeCompletionRequest | TokenizeChat
     return request
 
 
+def _validated_detokenize(body: dict[str, Any]) -> DetokenizeRequest:
+    try:
+        return DetokenizeRequest.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _characters(request: TokenizeCompletionRequest | TokenizeChatRequest) -> int:
+    """What the character cap counts: the prompt, or the messages' content (the chat
+    template's own text around it is bounded by the number of messages)."""
+    if isinstance(request, TokenizeChatRequest):
+        return sum(len(message.text()) for message in request.messages)
+    return len(request.prompt)
+
+
+def _json(content: dict[str, Any]) -> Response:
+    """A JSON response built here (in the worker thread), byte for byte as Starlette's
+    JSONResponse renders it."""
+    return Response(_dumps(content).encode(), media_type="application/json")
+
+
+def _dumps(value: Any) -> str:
+    """``json.dumps`` as Starlette calls it, long lists a slice at a time: ``json.dumps``
+    holds the GIL for its whole call (a tenth of a second for a quarter-million tokens and
+    their strings), so the event loop gets it back between slices."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_dumps(str(key))}:{_dumps(item)}"
+                              for key, item in value.items()) + "}"
+    if isinstance(value, list) and len(value) > _JSON_SLICE:
+        return "[" + ",".join(_dumps(value[start:start + _JSON_SLICE])[1:-1]
+                              for start in range(0, len(value), _JSON_SLICE)) + "]"
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _tokenize(tokenizer, request: TokenizeCompletionRequest | TokenizeChatRequest,
-              max_model_len: int) -> dict[str, Any]:
-    """vLLM's TokenizeResponse. Blocking."""
+              max_model_len: int, max_tokens: int) -> Response:
+    """vLLM's TokenizeResponse; 400 when it has more than ``max_tokens`` tokens. Blocking."""
     ids = token_ids(tokenizer, request)
+    count = len(ids)
+    if count > max_tokens:
+        del ids  # not kept alive by the traceback: freed before the memory is trimmed
+        field = "messages" if isinstance(request, TokenizeChatRequest) else "prompt"
+        raise APIError(400, f"'{field}' encodes to {count} tokens; /tokenize returns at "
+                            f"most {max_tokens} per request (server.max_tokenize_tokens): "
+                            "send the text in parts", field, _LIMIT_CODE)
     strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
-    return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
-            "token_strs": strs}
+    return _json({"count": count, "max_model_len": max_model_len, "tokens": ids,
+                  "token_strs": strs})
 
 
-def _detokenize(tokenizer, tokens: list[int]) -> str:
+def _detokenize(tokenizer, tokens: list[int]) -> Response:
     """The text of ``tokens``, special tokens included (as vLLM decodes); an id outside the
     vocabulary is a 400 (the tokenizer would drop it silently). Blocking."""
     vocab = len(tokenizer)
     if any(t >= vocab for t in tokens):
         raise APIError(400, f"token ids must lie in [0, {vocab})", "tokens")
-    return tokenizer.decode(tokens)
+    return _json({"prompt": tokenizer.decode(tokens)})
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``; None elsewhere (musl, macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trimmed(work: Callable[[], T]) -> T:
+    """``work()``, then freed memory back to the system. glibc keeps what a thread frees in
+    that thread's arena (and raises its mmap threshold after large frees, so later large
+    blocks come from arenas too): without this, a burst of large tokenizations leaves the
+    process hundreds of MB to GB larger for good. Costs this worker thread tens of
+    milliseconds (without the GIL), after large inputs only."""
+    try:
+        return work()
+    finally:
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
 
 
 def token_ids(tokenizer, request: TokenizeCompletionRequest | TokenizeChatRequest

@@ -9,86 +9,22 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import psutil
 import pytest
-import yaml
-from waiting import wait_ready, wait_until
+from server_process import descendants as _descendants
+from server_process import launch as _launch
+from server_process import stop as _stop
+from server_process import wait_until_ready as _wait_ready
+from waiting import wait_until
 
 from bench.eval import cli as eval_cli
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(tiny_pair, directory: Path, port: int | None = None,
-            max_model_len: int = 512, alignment: dict | None = None,
-            gamma: int = 3) -> dict:
-    """`python -m server` on the tiny pair, in a session of its own (so that a test can
-    signal its whole process group); its log goes to ``directory/server.log``."""
-    port = port or _free_port()
-    config = {
-        "models": {"target": str(tiny_pair.target), "draft": str(tiny_pair.draft),
-                   "served_model_name": "kad-tiny"},
-        "engine": {"num_speculative_tokens": gamma, "dtype": "float32",
-                   "max_model_len": max_model_len,
-                   "cpu_kv_cache_gib": 1, "max_num_seqs": 32},
-        "alignment": alignment or {"rule": "kad_dual", "lam": 0.4},
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 20},
-    }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log = directory / "server.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--config", str(path), "--log-level", "warning"],
-            cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-            # Not this test process's own engine settings (in-process engines of earlier
-            # tests leave the API-process marker of process_guard in the environment).
-            env={k: v for k, v in os.environ.items() if k != "KAD_SERVE_API_PROCESS"},
-            start_new_session=True,
-        )
-    return {"url": f"http://127.0.0.1:{port}", "process": process, "log": log, "port": port}
-
-
-def _wait_ready(server: dict) -> bool:
-    """Waits (generously: a loaded machine) until /health is 200; True if it saw 503."""
-    return wait_ready(server["url"], timeout=600, process=server["process"],
-                      output=server["log"].read_text, interval=0.25)
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _stop(server: dict) -> None:
-    """SIGKILL the server and its engine processes (which run in a group of their own)."""
-    process = server["process"]
-    if process.poll() is None:
-        engine = _descendants(process.pid)
-        process.kill()
-        process.wait()
-        for child in engine:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 @pytest.fixture(scope="module")

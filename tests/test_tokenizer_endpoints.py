@@ -243,3 +243,133 @@ def test_metrics_name_the_endpoints(served):
     post_json(served[0], "/tokenize", {"prompt": "x"})
     text = httpx.get(f"{served[0]}/metrics").text
     assert 'kad_http_requests_total{endpoint="/tokenize",status="200"}' in text
+
+
+# --- limits: server.max_tokenize_chars, server.max_tokenize_tokens --------------------------
+CHAR_CAP = 1000
+DENSE = "🙂" * 300  # 4 byte-level tokens a character with this tokenizer
+
+
+@pytest.fixture(scope="module")
+def capped(tokenizer):
+    """``(url, token cap)``: caps of 1000 characters and exactly DENSE's token count."""
+    token_cap = len(tokenizer.encode(DENSE, add_special_tokens=False))
+    assert token_cap > CHAR_CAP + 100 > len(DENSE)  # ASCII at the char cap stays under
+    thread, _ = serve_fake(tokenizer, max_tokenize_chars=CHAR_CAP, max_tokenize_tokens=token_cap)
+    wait_ready(thread.url)
+    yield thread.url, token_cap
+    thread.stop()
+
+
+def check_limit(response: httpx.Response, field: str, key: str) -> None:
+    check_openai_error(response, 400, field)
+    error = response.json()["error"]
+    assert error["param"] == field and key in error["message"], error
+    assert error["code"] == "tokenize_limit_exceeded"
+
+
+def test_prompt_character_cap(capped):
+    url, _ = capped
+    at_cap = post_json(url, "/tokenize", {"prompt": "a" * CHAR_CAP, "return_token_strs": True})
+    assert at_cap.status_code == 200, at_cap.text
+    assert at_cap.json()["count"] == CHAR_CAP
+    over = post_json(url, "/tokenize", {"prompt": "a" * (CHAR_CAP + 1)})
+    check_limit(over, "prompt", "server.max_tokenize_chars")
+    assert f"{CHAR_CAP + 1} characters" in over.json()["error"]["message"]
+
+
+def test_messages_character_cap(capped):
+    """The cap counts the messages' content (all of them), not the template around it."""
+    url, _ = capped
+
+    def chat(chars: int) -> dict:
+        return {"messages": [{"role": "system", "content": "s" * 100},
+                             {"role": "user", "content": [
+                                 {"type": "text", "text": "u" * (chars - 150)},
+                                 {"type": "text", "text": "v" * 50}]}]}
+
+    at_cap = post_json(url, "/tokenize", chat(CHAR_CAP))
+    assert at_cap.status_code == 200, at_cap.text
+    check_limit(post_json(url, "/tokenize", chat(CHAR_CAP + 1)), "messages",
+                "server.max_tokenize_chars")
+
+
+def test_tokenize_token_cap(capped, tokenizer):
+    url, token_cap = capped
+    at_cap = post_json(url, "/tokenize", {"prompt": DENSE, "add_special_tokens": False,
+                                          "return_token_strs": True})
+    assert at_cap.status_code == 200, at_cap.text
+    assert at_cap.json()["count"] == token_cap
+    assert at_cap.json()["tokens"] == tokenizer.encode(DENSE, add_special_tokens=False)
+    over = post_json(url, "/tokenize", {"prompt": DENSE + "🙂", "add_special_tokens": False})
+    check_limit(over, "prompt", "server.max_tokenize_tokens")
+    assert f"{token_cap + 4} tokens" in over.json()["error"]["message"]
+    chat = post_json(url, "/tokenize", {"messages": [{"role": "user", "content": DENSE}]})
+    check_limit(chat, "messages", "server.max_tokenize_tokens")
+
+
+def test_detokenize_token_cap(capped):
+    url, token_cap = capped
+    at_cap = post_json(url, "/detokenize", {"tokens": [5] * token_cap})
+    assert at_cap.status_code == 200, at_cap.text
+    over = post_json(url, "/detokenize", {"tokens": [5] * (token_cap + 1)})
+    check_limit(over, "tokens", "server.max_tokenize_tokens")
+    # Counted before the ids are checked one by one: the cap answers first.
+    bad = post_json(url, "/detokenize", {"tokens": ["x"] * (token_cap + 1)})
+    check_limit(bad, "tokens", "server.max_tokenize_tokens")
+
+
+def test_documents_longer_than_the_context_window(served, tokenizer):
+    """lm-evaluation-harness tokenizes whole documents (it cuts them into windows itself):
+    the caps are not the context window."""
+    text = " the answer is 42." * 2000
+    response = post_json(served[0], "/tokenize", {"prompt": text, "add_special_tokens": False,
+                                                  "return_token_strs": True})
+    assert response.status_code == 200, response.text
+    expected = tokenizer.encode(text, add_special_tokens=False)
+    assert len(expected) > 10_000 > 4 * MAX_MODEL_LEN  # its JSON is built in slices
+    assert response.json() == {"count": len(expected), "max_model_len": MAX_MODEL_LEN,
+                               "tokens": expected,
+                               "token_strs": tokenizer.convert_ids_to_tokens(expected)}
+    back = post_json(served[0], "/detokenize", {"tokens": expected})
+    assert back.json() == {"prompt": text}
+
+
+def test_large_inputs_are_tokenized_two_at_a_time(served, monkeypatch):
+    """A burst of large /tokenize requests holds at most two tokenizations' memory at once;
+    small requests do not wait for each other."""
+    import threading
+    import time
+
+    from server import tokenizer_endpoints
+
+    lock, running, most = threading.Lock(), [0], [0]
+    original = tokenizer_endpoints.token_ids
+
+    def slow_token_ids(tokenizer, request):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.5)
+            return original(tokenizer, request)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(tokenizer_endpoints, "token_ids", slow_token_ids)
+
+    def burst(text: str) -> int:
+        statuses: list[int] = []
+        threads = [threading.Thread(target=lambda: statuses.append(post_json(
+            served[0], "/tokenize", {"prompt": text}).status_code)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 4
+        return most[0]
+
+    assert burst("x " * 40_000) <= 2  # 80,000 characters: large
+    most[0] = 0
+    assert burst("small") > 2
