@@ -162,6 +162,13 @@ def test_sighup_and_sigusr_to_the_process_group_change_nothing(server):
     url = server["url"]
     streams = [{} for _ in range(4)]
     workers = [threading.Thread(target=_stream, args=(url, 150, out)) for out in streams]
+    plain = {}
+
+    def complete():
+        plain["response"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "kad-tiny", "prompt": "Count", "max_tokens": 150, "ignore_eos": True})
+
+    workers.append(threading.Thread(target=complete))
     for worker in workers:
         worker.start()
     wait_until(lambda: all(out.get("started") for out in streams), 120, "streams did not start")
@@ -173,6 +180,8 @@ def test_sighup_and_sigusr_to_the_process_group_change_nothing(server):
     for out in streams:
         assert out["done"] and not out["errors"] and out["reasons"] == ["length"], out
         assert out["usage"]["completion_tokens"] == 150
+    assert plain["response"].status_code == 200
+    assert plain["response"].json()["usage"]["completion_tokens"] == 150
     assert server["process"].poll() is None, server["log"].read_text()[-3000:]
     assert httpx.get(f"{url}/health").status_code == 200
     log = server["log"].read_text()
