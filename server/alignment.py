@@ -15,7 +15,8 @@ from server.errors import clip
 
 
 class AlignmentSettings(BaseModel):
-    """``{"rule": "kad_dual", "lam": 0.4}``: a rule and, if it has one, its parameter by name."""
+    """``{"rule": "kad_dual", "lam": 0.4}``: a rule and, if it has one, its parameter by name
+    (left out or null: the rule's default, ``RULE_SPECS``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -24,6 +25,20 @@ class AlignmentSettings(BaseModel):
     lam: float | None = Field(None, strict=True)
     mu: float | None = Field(None, strict=True)
     budget: float | None = Field(None, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_param(cls, data: Any) -> Any:
+        """A rule sent without its parameter takes the default of the README's table (the
+        response's ``kad.param`` shows it); a foreign parameter is left for ``_check``."""
+        if not isinstance(data, dict):
+            return data
+        spec = RULE_SPECS.get(data.get("rule")) if isinstance(data.get("rule"), str) else None
+        if spec is None or spec.param is None or data.get(spec.param) is not None:
+            return data
+        if any(data.get(name) is not None for name in PARAM_NAMES):
+            return data  # a foreign parameter: "takes 'lam', got 'mu'"
+        return {**data, spec.param: spec.default}
 
     @model_validator(mode="after")
     def _check(self) -> AlignmentSettings:

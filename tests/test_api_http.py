@@ -138,7 +138,7 @@ BAD_COMPLETIONS = [
     (b'{"model": "kad-test", "prompt": "x", "stop": ["\\ud800"]}', 400, "stop"),
     (b'{"model": "\\ud800", "prompt": "x"}', 400, "model"),
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "nope"}}, 400, "kad"),
-    ({"model": MODEL, "prompt": "x", "kad": {"rule": "kad_dual"}}, 400, "kad"),
+    ({"model": MODEL, "prompt": "x", "kad": {"rule": "kad_dual", "mu": 0.3}}, 400, "kad"),
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "kad_dual", "lam": 3}}, 400, "kad"),
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "kad_dual", "mu": 0.1}}, 400, "kad"),
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "base", "x": 1}}, 400, "kad"),
@@ -333,3 +333,14 @@ def test_non_streaming_client_that_hangs_up_aborts_its_request(tokenizer):
                    "no 499 recorded")
     finally:
         thread.stop()
+
+
+@pytest.mark.parametrize(("rule", "default"), [("kad_dual", 0.4), ("confidence_bet", 0.2),
+                                               ("kad_squared", 0.36), ("kad_primal", 0.9)])
+def test_a_rule_sent_without_its_parameter_uses_and_reports_the_default(served, rule, default):
+    url, engine = served
+    response = httpx.post(f"{url}/v1/completions", json={
+        "model": MODEL, "prompt": "x", "max_tokens": 2, "kad": {"rule": rule}})
+    assert response.status_code == 200, response.text
+    assert response.json()["kad"]["rule"] == rule
+    assert response.json()["kad"]["param"] == pytest.approx(default)

@@ -195,7 +195,7 @@ def test_unsupported_rule_is_rejected_and_engine_keeps_serving(tiny_engine, prom
         tiny_engine.engine.generate(
             "bad-2", [], SamplingOptions(max_tokens=2), AlignmentSettings(rule="base")
         )
-    for bad in ({"rule": "nope"}, {"rule": "kad_dual"}, {"rule": "kad_dual", "lam": 1.5},
+    for bad in ({"rule": "nope"}, {"rule": "kad_dual", "mu": 0.3}, {"rule": "kad_dual", "lam": 1.5},
                 {"rule": "base", "lam": 0.3}):
         with pytest.raises(ValueError):
             AlignmentSettings(**bad)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -15,7 +17,7 @@ from kad_kernels import (
     mix_with_alpha,
     speculative_verify,
 )
-from kad_kernels.rules import PARAM_NAMES
+from kad_kernels.rules import PARAM_NAMES, RULE_SPECS
 from server.alignment import AlignmentSettings
 
 P = torch.tensor([[0.5, 0.3, 0.2]])
@@ -79,7 +81,6 @@ def test_kernel_errors_name_the_problem(call, message):
     ("settings", "message"),
     [
         ({"rule": "nope"}, "unknown rule 'nope'"),
-        ({"rule": "kad_dual"}, "needs its parameter 'lam'"),
         ({"rule": "kad_dual", "budget": 0.5}, "takes 'lam'"),
         ({"rule": "kad_dual", "lam": 2}, "must lie in [0.0, 1.0]"),
         ({"rule": "base", "lam": 0.4}, "takes no parameter"),
@@ -170,3 +171,14 @@ def test_kernels_run_on_inference_mode_tensors():
         bad[0, 0, 0] = -1.0
         with pytest.raises(ValueError, match="negative"):
             mix(p, bad, "kad_dual", 0.4)
+
+
+@pytest.mark.parametrize("rule", [name for name, spec in RULE_SPECS.items() if spec.param])
+def test_a_rule_without_its_parameter_takes_the_readmes_default(rule):
+    spec = RULE_SPECS[rule]
+    for given in ({"rule": rule}, {"rule": rule, spec.param: None}):
+        settings = AlignmentSettings(**given)
+        assert settings.param == spec.default
+        assert settings.as_extra_args() == {"rule": rule, "param": spec.default}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"| `{rule}` | `{spec.param}` ({spec.default:g})" in readme
