@@ -416,3 +416,29 @@ def test_rendered_panels_compute_what_prometheus_would():
         assert value[()][-1][1] == pytest.approx(expected)
     with pytest.raises(ValueError, match="subset"):
         Query("avg_over_time(kad_requests_running[5m])").evaluate(samples)
+
+
+def _compose_cli() -> list[str] | None:
+    """``docker compose`` (the plugin) or ``docker-compose``, when this machine has one."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
+                                 check=False, timeout=30).returncode == 0:
+        return [docker, "compose"]
+    standalone = shutil.which("docker-compose")
+    return [standalone] if standalone else None
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_docker_compose_config_accepts_each_file(name, tmp_path):
+    """Compose's own parser and interpolation, where a docker CLI with compose exists."""
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no docker compose CLI on this machine (the schema test covers the files)")
+    env = {**os.environ, "KAD_API_KEY_FILE": str(tmp_path / "key"),
+           "KAD_GRAFANA_PASSWORD_FILE": str(tmp_path / "password")}
+    (tmp_path / "key").write_text("k")
+    (tmp_path / "password").write_text("p")
+    result = subprocess.run([*cli, "-f", str(REPO / "docker" / name), "--profile", "*",
+                             "config", "--quiet"], capture_output=True, text=True,
+                            env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
