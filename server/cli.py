@@ -28,7 +28,7 @@ from types import FrameType
 import uvicorn
 
 from server.config import ConfigError, ServeConfig, load_config, looks_like_hub_id
-from server.http_server import uvicorn_config
+from server.http_server import protocol_drift, uvicorn_config
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,11 @@ def run(config: ServeConfig, engine_factory: Callable | None = None,
 
     for sig in IGNORED_SIGNALS:  # from the start: loading the models takes minutes
         signal.signal(sig, _ignore)
+    drift = protocol_drift()
+    if drift:  # the connection limits would not hold (or the first connection would fail)
+        logger.critical("uvicorn's h11 protocol is not the one server.http_server is pinned "
+                        "to: %s; exiting with status 1", "; ".join(drift))
+        return 1
     host, port = config.server.host, config.server.port
     try:
         sock = _bind(host, port)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import inspect
 import json
 import sys
 from typing import Any, ClassVar
@@ -38,10 +39,41 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from server.config import ServerSettings
 from server.errors import error_body
 
-# The upstream methods this module overrides or relies on (their signatures are pinned by
-# tests/test_http_server.py, so a uvicorn upgrade that changes them fails loudly).
-OVERRIDDEN = ("__init__", "connection_made", "connection_lost", "data_received",
-              "send_400_response", "on_response_complete")
+# What BoundedH11Protocol overrides, as uvicorn 0.55 defines it, and what it relies on in
+# uvicorn's code. kad-serve refuses to start on a uvicorn where these differ (the GPU image
+# brings its own uvicorn through vLLM's FastAPI): read the new code before moving the pin.
+PINNED_H11_SIGNATURES = {
+    "__init__": "(self, config: 'Config', server_state: 'ServerState', "
+                "app_state: 'dict[str, Any]', _loop: 'asyncio.AbstractEventLoop | None' = None)"
+                " -> 'None'",
+    "connection_made": "(self, transport: 'asyncio.Transport') -> 'None'",
+    "connection_lost": "(self, exc: 'Exception | None') -> 'None'",
+    "data_received": "(self, data: 'bytes') -> 'None'",
+    "send_400_response": "(self, msg: 'str') -> 'None'",
+    "on_response_complete": "(self) -> 'None'",
+}
+# (method, text its source must contain): send_400_response is called inside the handler of
+# h11's RemoteProtocolError (its status hint is read there); data_received cancels the
+# keep-alive timer on any byte (why the head needs a deadline of its own).
+PINNED_H11_SOURCES = (
+    ("handle_events", "except h11.RemoteProtocolError:"),
+    ("handle_events", "self.send_400_response(msg)"),
+    ("data_received", "self._unset_keepalive_if_required()"),
+)
+
+
+def protocol_drift() -> list[str]:
+    """How uvicorn's ``H11Protocol`` differs from what this module was written against;
+    empty when every pin holds."""
+    drift = []
+    for name, expected in PINNED_H11_SIGNATURES.items():
+        found = str(inspect.signature(getattr(H11Protocol, name)))
+        if found != expected:
+            drift.append(f"H11Protocol.{name}{found} (pinned: {expected})")
+    for name, text in PINNED_H11_SOURCES:
+        if text not in inspect.getsource(getattr(H11Protocol, name)):
+            drift.append(f"H11Protocol.{name} no longer contains {text!r}")
+    return drift
 
 
 def raw_error(status: int, message: str, code: str) -> bytes:

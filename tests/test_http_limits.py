@@ -4,7 +4,6 @@ fast meanwhile. The real app on the fake engine, served as ``kad-serve`` serves 
 
 from __future__ import annotations
 
-import inspect
 import json
 import socket
 import threading
@@ -16,7 +15,6 @@ from fake_engine import MODEL, check_openai_error, post_json, serve_fake
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from waiting import wait_ready, wait_until
 
-from server.http_server import OVERRIDDEN
 
 HEAD_TIMEOUT_S = 1.0
 
@@ -274,27 +272,33 @@ def test_strict_json_still_serves_unicode_and_leaves_bad_json_to_the_parser(serv
 
 
 # --- the uvicorn internals the protocol builds on -----------------------------------------
-# What BoundedH11Protocol overrides, as uvicorn 0.55 defines it. A uvicorn that changes any
-# of these (or stops calling send_400_response inside its RemoteProtocolError handler) must
-# be read again before it is used.
-PINNED_H11_SIGNATURES = {
-    "__init__": "(self, config: 'Config', server_state: 'ServerState', "
-                "app_state: 'dict[str, Any]', _loop: 'asyncio.AbstractEventLoop | None' = None)"
-                " -> 'None'",
-    "connection_made": "(self, transport: 'asyncio.Transport') -> 'None'",
-    "connection_lost": "(self, exc: 'Exception | None') -> 'None'",
-    "data_received": "(self, data: 'bytes') -> 'None'",
-    "send_400_response": "(self, msg: 'str') -> 'None'",
-    "on_response_complete": "(self) -> 'None'",
-}
+def test_the_h11_protocol_methods_it_overrides_are_pinned_and_unchanged(monkeypatch):
+    """Each overridden method is pinned, the pins hold on this uvicorn, and a changed
+    signature or a handler that no longer calls send_400_response is reported."""
+    import server.http_server as http_server
+
+    overridden = {name for name in vars(http_server.BoundedH11Protocol)
+                  if callable(vars(http_server.BoundedH11Protocol)[name])
+                  and not name.startswith("_") or name == "__init__"}
+    overridden &= set(dir(H11Protocol))
+    assert overridden == set(http_server.PINNED_H11_SIGNATURES)
+    assert http_server.protocol_drift() == []
+
+    def data_received(self, data, extra=None) -> None:
+        pass
+
+    monkeypatch.setattr(H11Protocol, "data_received", data_received)
+    drift = http_server.protocol_drift()
+    assert any("H11Protocol.data_received" in line and "extra" in line for line in drift)
+    assert any("_unset_keepalive_if_required" in line for line in drift)
 
 
-def test_the_h11_protocol_methods_it_overrides_are_unchanged():
-    assert set(PINNED_H11_SIGNATURES) == set(OVERRIDDEN)
-    for name, expected in PINNED_H11_SIGNATURES.items():
-        assert str(inspect.signature(getattr(H11Protocol, name))) == expected, name
-    handler = inspect.getsource(H11Protocol.handle_events)
-    assert "except h11.RemoteProtocolError:" in handler
-    assert "self.send_400_response(msg)" in handler
-    assert "self._unset_keepalive_if_required()" in inspect.getsource(
-        H11Protocol.data_received)
+def test_the_server_refuses_to_start_on_a_drifted_uvicorn(monkeypatch, caplog):
+    import server.cli as cli
+    from server.config import ServeConfig
+
+    monkeypatch.setattr(cli, "protocol_drift", lambda: ["H11Protocol.data_received(x)"])
+    config = ServeConfig.model_validate({"models": {"target": "/nonexistent/t",
+                                                    "draft": "/nonexistent/d"}})
+    assert cli.run(config) == 1
+    assert "H11Protocol.data_received(x)" in caplog.text
