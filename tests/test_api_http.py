@@ -338,7 +338,7 @@ def test_non_streaming_client_that_hangs_up_aborts_its_request(tokenizer):
 @pytest.mark.parametrize(("rule", "default"), [("kad_dual", 0.4), ("confidence_bet", 0.2),
                                                ("kad_squared", 0.36), ("kad_primal", 0.9)])
 def test_a_rule_sent_without_its_parameter_uses_and_reports_the_default(served, rule, default):
-    url, engine = served
+    url, _ = served
     response = httpx.post(f"{url}/v1/completions", json={
         "model": MODEL, "prompt": "x", "max_tokens": 2, "kad": {"rule": rule}})
     assert response.status_code == 200, response.text

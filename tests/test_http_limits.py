@@ -15,7 +15,6 @@ from fake_engine import MODEL, check_openai_error, post_json, serve_fake
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from waiting import wait_ready, wait_until
 
-
 HEAD_TIMEOUT_S = 1.0
 
 
@@ -275,7 +274,7 @@ def test_strict_json_still_serves_unicode_and_leaves_bad_json_to_the_parser(serv
 def test_the_h11_protocol_methods_it_overrides_are_pinned_and_unchanged(monkeypatch):
     """Each overridden method is pinned, the pins hold on this uvicorn, and a changed
     signature or a handler that no longer calls send_400_response is reported."""
-    import server.http_server as http_server
+    from server import http_server
 
     overridden = {name for name in vars(http_server.BoundedH11Protocol)
                   if callable(vars(http_server.BoundedH11Protocol)[name])
@@ -294,7 +293,7 @@ def test_the_h11_protocol_methods_it_overrides_are_pinned_and_unchanged(monkeypa
 
 
 def test_the_server_refuses_to_start_on_a_drifted_uvicorn(monkeypatch, caplog):
-    import server.cli as cli
+    from server import cli
     from server.config import ServeConfig
 
     monkeypatch.setattr(cli, "protocol_drift", lambda: ["H11Protocol.data_received(x)"])

@@ -17,7 +17,7 @@ from kad_kernels import (
     mix_with_alpha,
     speculative_verify,
 )
-from kad_kernels.rules import PARAM_NAMES, RULE_SPECS
+from kad_kernels.rules import PARAM_NAMES
 from server.alignment import AlignmentSettings
 
 P = torch.tensor([[0.5, 0.3, 0.2]])
