@@ -331,7 +331,7 @@ def test_the_readmes_compose_commands_start_exactly_one_pair():
     commands = re.findall(r"docker compose -f docker/compose\.yaml[^\n`]*\bup\b[^\n`]*", text)
     assert commands
     for command in commands:
-        words = command.split()
+        words = command.split("#")[0].split()
         profiles = {words[i + 1] for i, word in enumerate(words) if word == "--profile"}
         named = [w for w in words[words.index("up") + 1:] if not w.startswith("-")]
         started = set(named) or {n for n, s in services.items()
