@@ -13,7 +13,9 @@ of the engine core for ``--stop-seconds`` then SIGCONT, and a round of hostile r
 body, an oversized header, a gigabyte ``Content-Length``).
 
 Before the load, each greedy and seeded probe (one per rule, chat and completions,
-streamed and not) runs alone; during it the probes come back in round-robin with the rest.
+streamed and not) runs alone; the load starts with each probe once (spread over the
+workers, so every probe runs under load however short the soak), then the probes come back
+in round-robin with the rest.
 
 Checks (each a line of the report; the exit status is 1 when one fails):
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import math
@@ -374,10 +377,17 @@ class Soak:
                     ignore_eos=True, stream=True)
         return {"kind": kind, "endpoint": "completions", "body": body, "disconnect_after": 3}
 
-    async def worker(self, deadline: float, probe_cycle: dict[str, Any]) -> None:
+    async def worker(self, deadline: float, probe_cycle: dict[str, Any],
+                     first_runs: collections.deque[str]) -> None:
+        """Requests until the deadline: first every probe once (shared among the workers,
+        so each probe runs under load however short the soak), then the weighted mix."""
         kinds, weights = list(MIX), list(MIX.values())
         while time.monotonic() < deadline:
-            request = self.next_request(self.rng.choices(kinds, weights)[0], probe_cycle)
+            if first_runs:
+                name = first_runs.popleft()
+                request = {**self.probe_table[name], "probe": name}
+            else:
+                request = self.next_request(self.rng.choices(kinds, weights)[0], probe_cycle)
             record = await self.call(request["kind"], request["endpoint"], request["body"],
                                      disconnect_after=request.get("disconnect_after"),
                                      probe=request.get("probe"))
@@ -554,7 +564,8 @@ class Soak:
                                        self.hostile_round))
             periodic.append(self.every(min(30.0, duration / 2), 60.0, duration,
                                        self.stop_engine))
-        await asyncio.gather(*(self.worker(deadline, probe_cycle)
+        first_runs = collections.deque(self.probe_table)
+        await asyncio.gather(*(self.worker(deadline, probe_cycle, first_runs)
                                for _ in range(args.concurrency)), *periodic)
         self.load_end = self.now()
         # Every request is answered (or lost); now the server must be idle again.
