@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from server.errors import clip, error_response
+from server.limits import replaying
 
 _OFF_LOOP_BYTES = 256 * 2**10  # larger bodies are checked in a worker thread
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
@@ -111,9 +112,4 @@ class StrictJSONMiddleware:
                 await error_response(400, str(exc), exc.param, "invalid_json_body")(
                     scope, receive, send)
                 return
-        replay = [message]
-
-        async def receive_after_body():
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, receive_after_body, send)
+        await self.app(scope, replaying(message, receive), send)

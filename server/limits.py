@@ -26,6 +26,17 @@ from server.errors import error_response
 _HTTP_VERSIONS = ("1.0", "1.1")
 
 
+def replaying(message: dict, receive):
+    """An ASGI ``receive`` that first gives ``message`` (a body a middleware has read),
+    then whatever ``receive`` gives (the client's later disconnect)."""
+    pending = [message]
+
+    async def receive_again():
+        return pending.pop() if pending else await receive()
+
+    return receive_again
+
+
 class RequestHeadMiddleware:
     def __init__(self, app, max_header_bytes: int, max_header_count: int) -> None:
         self.app = app
@@ -104,12 +115,8 @@ class BodyLimitMiddleware:
             await Response(status_code=499)(scope, receive, send)
             return
 
-        replay = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive_after_body():
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, receive_after_body, send)
+        await self.app(scope, replaying(
+            {"type": "http.request", "body": body, "more_body": False}, receive), send)
 
     async def _read(self, receive) -> bytes | None:
         """The whole body, or None when the client disconnects first."""

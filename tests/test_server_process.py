@@ -5,6 +5,7 @@ during start-up and a busy port end the process within seconds."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -156,6 +157,12 @@ def _running(url: str) -> float:
                 if line.startswith("kad_requests_running"))
 
 
+def _complete(url: str, out: dict, **fields) -> None:
+    """One non-streaming completion (past end-of-text); ``out["response"]`` gets it."""
+    out["response"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
+        "model": "kad-tiny", "prompt": "Count", "ignore_eos": True, **fields})
+
+
 def test_sighup_and_sigusr_to_the_process_group_change_nothing(server):
     """A terminal hangup, a log rotator's HUP or a stray USR1/USR2 (each to the whole
     group): every stream runs to its end with [DONE], the server keeps serving."""
@@ -163,12 +170,8 @@ def test_sighup_and_sigusr_to_the_process_group_change_nothing(server):
     streams = [{} for _ in range(4)]
     workers = [threading.Thread(target=_stream, args=(url, 150, out)) for out in streams]
     plain = {}
-
-    def complete():
-        plain["response"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
-            "model": "kad-tiny", "prompt": "Count", "max_tokens": 150, "ignore_eos": True})
-
-    workers.append(threading.Thread(target=complete))
+    workers.append(threading.Thread(target=_complete, args=(url, plain), kwargs={
+        "max_tokens": 150}))
     for worker in workers:
         worker.start()
     wait_until(lambda: all(out.get("started") for out in streams), 120, "streams did not start")
@@ -197,11 +200,7 @@ def test_sigterm_to_the_process_group_drains_16_streams_and_exits_zero(server):
     streams = [{} for _ in range(16)]
     workers = [threading.Thread(target=_stream, args=(url, 200, out)) for out in streams]
     plain = {}
-
-    def complete():
-        plain["response"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
-            "model": "kad-tiny", "prompt": "Count", "max_tokens": 400, "seed": 1,
-            "ignore_eos": True})
+    complete = functools.partial(_complete, url, plain, max_tokens=400, seed=1)
 
     # The non-streaming request is admitted before the signal (a connection made after it
     # is refused: the listening socket closes first, which is the drain's design).
