@@ -84,6 +84,7 @@ def measure(batch: int, gamma: int, vocab: int, rule: str, repeats: int,
     upstream = _upstream_rejection_sample()
     param = RULE_SPECS[rule].default
     rows = [hook.RowAlignment(f"r{i}", rule, param) for i in range(batch)]
+    plan = hook.StepPlan.build(rows, num_draft_tokens=num_draft)
     buffer = torch.empty_like(logits)
 
     def vllm_verify():
@@ -92,8 +93,7 @@ def measure(batch: int, gamma: int, vocab: int, rule: str, repeats: int,
 
     def kad_hook():
         buffer.copy_(logits)
-        hook.mix_target_logits(buffer, draft_probs, num_draft,
-                               hook.StepState(rows=rows, num_draft_tokens=num_draft))
+        hook.mix_target_logits(buffer, draft_probs, plan)
 
     def copy_only():
         buffer.copy_(logits)

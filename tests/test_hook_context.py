@@ -95,6 +95,34 @@ def test_a_context_is_per_process_and_shared_within_one():
     assert isinstance(settings.context, HookContext)
 
 
+def test_a_requests_settings_are_parsed_once_while_it_is_in_the_batch(monkeypatch):
+    """``rows_of`` parses a request's ``extra_args`` the first step it is in the batch and
+    reuses them after; a request that left is forgotten (parsed again if it returns)."""
+    parsed = []
+    original = RowAlignment.from_extra_args.__func__
+
+    def counting(cls, extra_args):
+        parsed.append((extra_args or {}).get("kad", {}).get("id"))
+        return original(cls, extra_args)
+
+    monkeypatch.setattr(RowAlignment, "from_extra_args", classmethod(counting))
+
+    def request(name, kad=True):
+        extra = {"kad": {"id": name, "rule": "kad_dual", "param": 0.4}} if kad else None
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra))
+
+    requests = {"a": request("a"), "b": request("b"), "c": request("c", kad=False)}
+    context = HookContext()
+    first = context.rows_of(["a", "b", "c"], requests)
+    assert [r.request_id if r else None for r in first] == ["a", "b", None]
+    for _ in range(5):
+        assert context.rows_of(["b", "a", "c"], requests) == [first[1], first[0], None]
+    assert parsed == ["a", "b", None]
+    context.rows_of(["b"], requests)  # a and c left the batch
+    context.rows_of(["a", "b"], requests)
+    assert parsed == ["a", "b", None, "a"] and set(context.rows) == {"a", "b"}
+
+
 _IMMUTABLE = (int, float, str, bytes, bool, type(None), tuple, frozenset,
               types.MappingProxyType, types.ModuleType, types.FunctionType, type,
               types.BuiltinFunctionType)

@@ -141,7 +141,7 @@ def test_the_old_profile_would_undercount():
         q_star = torch.softmax(torch.randn(num_tokens, VOCAB), dim=-1)
         rows = [hook.RowAlignment(f"p{i}", "kad_dual", 0.4, greedy=i == 0)
                 for i in range(NUM_SEQS)]
-        state = hook.StepState(rows=rows, num_draft_tokens=[GAMMA] * NUM_SEQS)
-        hook.mix_target_logits(target, q_star, state.num_draft_tokens, state)
+        hook.mix_target_logits(target, q_star, hook.StepPlan.build(
+            rows, num_draft_tokens=[GAMMA] * NUM_SEQS))
 
     assert _peak(old_profile) < _peak(real_step)

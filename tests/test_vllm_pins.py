@@ -71,9 +71,7 @@ def test_every_attribute_the_patches_read_is_pinned():
     receivers = r"(?:self|runner|input_batch|metadata|sampling_metadata|output|tensors" \
                 r"|spec_decode_metadata|state_of_request)"
     read = set(re.findall(rf"\b{receivers}\.([a-z_][a-z0-9_]*)\b(?!\()", source))
-    ours = {"speculative_config", "rows", "num_draft_tokens", "draft_probs", "padded_rows",
-            "placeholder_rows", "inexact_rows", "plain_q", "emitted", "drafts_of",
-            "vllm_config"}
+    ours = {"speculative_config", "vllm_config"}
     assert read - pinned - ours == set()
 
 
@@ -340,3 +338,29 @@ def test_a_worker_that_built_runner_v2_fails_naming_it(monkeypatch):
                              vllm_config=SimpleNamespace(additional_config={},
                                                          is_mm_encoder_only=False))
     assert isinstance(make(theirs), FakeRunnerV2)
+
+
+def test_the_step_plan_lays_out_logits_as_vllms_own_spec_decode_metadata():
+    """``StepPlan`` computes on the host (no device read) the rows vLLM's
+    ``GPUModelRunner._calc_spec_decode_metadata`` puts in ``bonus_logits_indices`` and
+    ``target_logits_indices`` (device tensors): vLLM's own function, run on a minimal
+    runner, gives the same rows for a layout with zero-draft rows."""
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from server.engine.step_plan import StepPlan
+
+    num_draft = np.array([3, 0, 2, 0, 1, 5], dtype=np.int32)
+    cu_scheduled = np.cumsum(num_draft + 1 + np.array([0, 99, 0, 99, 1, 0]), dtype=np.int32)
+    runner = SimpleNamespace(_arange_scratch=np.zeros(64, dtype=np.int64), arange_np=np.arange(64),
+                             device=torch.device("cpu"),
+                             input_ids=SimpleNamespace(gpu=torch.arange(int(cu_scheduled[-1]))))
+    runner._get_cumsum_and_arange = GPUModelRunner._get_cumsum_and_arange.__get__(runner)
+    metadata = GPUModelRunner._calc_spec_decode_metadata(runner, num_draft, cu_scheduled)
+    plan = StepPlan.build([None] * len(num_draft), num_draft_tokens=num_draft.tolist())
+    assert list(plan.bonus_rows) == metadata.bonus_logits_indices.tolist()
+    targets = metadata.target_logits_indices.tolist()
+    offsets = plan.offsets()
+    for i, first in enumerate(plan.first_rows):
+        assert targets[offsets[i]:offsets[i + 1]] == list(range(first, first + num_draft[i]))
+    assert plan.offsets()[1:].tolist() == metadata.cu_num_draft_tokens.tolist()

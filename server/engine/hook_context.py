@@ -11,6 +11,7 @@ vLLM's own batch order (``input_batch.req_ids``), never by call counts or shape 
 (the step in progress itself reaches the module-level ``rejection_sample`` through a
 ContextVar scoped to one ``_sample`` call, ``vllm_patches._STEP_IN_PROGRESS``):
 
+* ``rows``: each request's settings (``RowAlignment``), parsed once per request;
 * ``next_drafts``: per request id, what the next proposal must do for it (greedy draft,
   forced prompt tokens), computed once ``_sample`` knows what each request emitted;
 * ``draft_pass``: the proposal in progress (``DraftPass``), set around the runner's
@@ -25,11 +26,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from server.engine.draft_probs import DraftProbStore
 from server.engine.stats_channel import StatsSender
-from server.engine.verification_hook import to_device
+from server.engine.step_plan import RowAlignment, StepPlan
+from server.engine.verification_hook import forced_token, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,25 @@ class NextDrafts:
 
     greedy: bool = False
     forced: tuple[int, ...] = ()
+
+
+def next_drafts(plan: StepPlan, emitted: np.ndarray, gamma: int) -> dict[str, NextDrafts]:
+    """Per vLLM request id, what the proposal that follows this step drafts for it: the
+    argmax of q* for greedy-over-pi rows; for a scored prompt, its tokens at the output
+    positions after what the row emitted this step (``emitted``, from ``finalize_step``)."""
+    plans = {}
+    for i, row in enumerate(plan.rows):
+        if row is None:
+            continue
+        forced: tuple[int, ...] = ()
+        if row.forced:
+            start = int(plan.output_lens[i] + emitted[i])
+            tokens = [forced_token(row, start + j) for j in range(gamma)]
+            if any(t is not None for t in tokens):
+                forced = tuple(-1 if t is None else t for t in tokens)
+        if row.greedy or forced:
+            plans[plan.req_ids[i]] = NextDrafts(greedy=row.greedy, forced=forced)
+    return plans
 
 
 class DraftPass:
@@ -129,11 +151,29 @@ class HookContext:
 
     draft_probs: DraftProbStore = field(default_factory=DraftProbStore)
     next_drafts: dict[str, NextDrafts] = field(default_factory=dict)
+    # Each request's settings, parsed from its sampling params once, while it is in the
+    # batch (``rows_of``); by vLLM request id.
+    rows: dict[str, RowAlignment | None] = field(default_factory=dict)
     draft_pass: DraftPass | None = None
     sender: StatsSender | None = None
     sender_endpoint: str | None = None
     logged_degraded: bool = False
     logged_unaligned_draft: bool = False
+
+    def rows_of(self, req_ids: Sequence[str],
+                requests: Mapping[str, Any]) -> list[RowAlignment | None]:
+        """The batch's rows in ``req_ids`` order: a request's ``extra_args`` are parsed the
+        first step it is in the batch, not every step; requests that left are forgotten."""
+        known, rows = self.rows, {}
+        for req_id in req_ids:
+            if req_id in known:
+                rows[req_id] = known[req_id]
+            else:
+                state = requests.get(req_id)
+                params = None if state is None else state.sampling_params
+                rows[req_id] = RowAlignment.from_extra_args(getattr(params, "extra_args", None))
+        self.rows = rows
+        return [rows[req_id] for req_id in req_ids]
 
     def sender_for(self, endpoint: str | None) -> StatsSender | None:
         if endpoint != self.sender_endpoint:

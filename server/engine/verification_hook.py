@@ -17,6 +17,12 @@ is corrected after sampling (see ``finalize_step``):
 * greedy rows: verification targets the one-hot argmax of ``pi`` (vLLM itself only knows
   the argmax of ``p``).
 
+The step's stages, in the order ``vllm_patches._sample`` runs them, each reading the
+immutable ``StepPlan`` and returning what it found: ``mix_target_logits`` (inside vLLM's
+rejection sampler) -> ``Mixed``; ``resample_plain_rows`` -> ``PlainSamples``;
+``finalize_step`` -> ``Finalized``; ``logprob_sources`` and ``logprobs_of`` -> the
+logprobs under pi to write into vLLM's tensors.
+
 Shapes: ``num_tokens`` = draft positions of the step (request-major), ``V`` vocabulary.
 The hot path has no per-token Python loop and one host sync per step (``finalize_step``).
 """
@@ -25,91 +31,50 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from kad_kernels import mix_trusted
+from server.engine.step_plan import (  # noqa: F401 - re-exported names of the hook's API
+    EXTRA_ARGS_KEY,
+    RowAlignment,
+    StepPlan,
+    draft_offsets,
+)
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: "no token at this position"
-EXTRA_ARGS_KEY = "kad"
 _DEFERRED = 1e-6  # a position "deferred something" above float rounding of alpha
 
 
 @dataclass(frozen=True)
-class RowAlignment:
-    """One batch row's settings, read from ``SamplingParams.extra_args['kad']``."""
+class Mixed:
+    """What the mixing stage found (``mix_target_logits``, run inside vLLM's rejection
+    sampler on the step's draft positions, request-major)."""
 
-    request_id: str
-    rule: str
-    param: float | None = None
-    greedy: bool = False  # temperature 0 requested: follow argmax(pi), sent as temperature 1
-    first_token: int | None = None  # the withheld last prompt token, forced as output 0
-    logprobs: int | None = None  # top alternatives asked for (0: the token's own only)
-    # Prompt scoring: output tokens 1, 2, ... are forced to be these (the prompt's tokens
-    # after the two vLLM was given as prompt and withheld token), see ``force_tokens``.
-    forced: tuple[int, ...] = ()
-
-    @classmethod
-    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RowAlignment | None:
-        settings = (extra_args or {}).get(EXTRA_ARGS_KEY)
-        if not settings:
-            return None
-        return cls(
-            request_id=str(settings["id"]),
-            rule=str(settings["rule"]),
-            param=settings.get("param"),
-            greedy=bool(settings.get("greedy", False)),
-            first_token=settings.get("first_token"),
-            logprobs=settings.get("logprobs"),
-            forced=tuple(settings.get("forced") or ()),
-        )
-
-    @property
-    def mixes(self) -> bool:
-        """Whether verification must use ``pi`` (``base`` is vLLM's own target ``p``)."""
-        return self.rule != "base"
+    draft_probs: torch.Tensor | None  # [num_tokens, V] the q* the drafts were verified with
+    alpha: torch.Tensor  # [num_tokens] deferred mass at each draft position
+    degraded: torch.Tensor  # [num_tokens] bool: a non-finite p or q* row, verified against p
+    # Mixing rows verified without q* (drafts no stored proposal made, or none stored):
+    # verified against p, counted inexact unless the token is the withheld prompt token.
+    inexact_rows: frozenset[int] = frozenset()
 
 
-@dataclass
-class StepState:
-    """One engine step's hook state, created by the ``_sample`` wrapper and passed on."""
+@dataclass(frozen=True)
+class PlainSamples:
+    """Zero-draft rows the hook sampled from pi itself (``resample_plain_rows``)."""
 
-    rows: list[RowAlignment | None]
-    num_draft_tokens: list[int] = field(default_factory=list)
-    alpha: torch.Tensor | None = None  # [num_tokens] deferred mass at each draft position
-    # [num_tokens] bool: a non-finite p or q* row, verified against p (or left to vLLM).
-    degraded: torch.Tensor | None = None
-    inexact_rows: set[int] = field(default_factory=set)  # mixing rows verified without q*
-    # Rows whose drafts are vLLM's placeholders (-1, always rejected; no q* exists), or
-    # drafts that no proposal produced (no q* either): verified against p, counted inexact
-    # unless the token is the withheld prompt token.
-    placeholder_rows: set[int] = field(default_factory=set)
-    # Zero-draft rows the hook sampled from pi itself (``resample_plain_rows``).
-    resampled_rows: set[int] = field(default_factory=set)
-    plain_degraded: torch.Tensor | None = None  # [num_reqs] bool, same meaning as degraded
-    # The q* vLLM verified this step's drafts against ([num_tokens, V], request-major), and
-    # the q* each resampled zero-draft row was drawn with: what logprobs under pi need.
-    draft_probs: torch.Tensor | None = None
-    plain_q: dict[int, torch.Tensor] = field(default_factory=dict)
-    # Rows whose drafts are the scheduler's padding (``-1`` drafts: vLLM pads a request
-    # admitted with one token left to compute, so the step keeps one shape). Only their
-    # first position has a real context: they are sampled like zero-draft rows, at that
-    # position, and every later slot is dropped.
-    padded_rows: frozenset[int] = frozenset()
-    # [num_reqs] tokens each row emitted this step (``finalize_step``, host numbers): the
-    # withheld prompt token counts, a discarded row's sample does not.
-    emitted: np.ndarray | None = None
+    rows: tuple[int, ...]  # batch rows
+    tokens: torch.Tensor  # [len(rows)] their tokens
+    q_star: torch.Tensor  # [len(rows), V] the q* each was drawn with (for logprobs)
+    degraded: torch.Tensor  # [num_reqs] bool, same meaning as Mixed.degraded
 
-    def drafts_of(self, row: int) -> int:
-        """Real drafts of ``row`` this step (0 for a padded row)."""
-        if row in self.padded_rows or row >= len(self.num_draft_tokens):
-            return 0
-        return self.num_draft_tokens[row]
+    def q_of(self, row: int) -> torch.Tensor:
+        return self.q_star[self.rows.index(row)]
 
 
 @dataclass(frozen=True)
@@ -125,6 +90,14 @@ class RowStepStats:
     deferred_positions: int
     inexact: int = 0
     degraded: int = 0  # positions with a NaN/inf distribution (verified against p)
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """The step's outcome once ``finalize_step`` corrected vLLM's tokens."""
+
+    stats: list[RowStepStats]
+    emitted: np.ndarray  # [num_reqs] tokens each row emitted (the withheld token counts)
 
 
 def _softmax_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +151,7 @@ def to_device(values: Any, device: torch.device, dtype: torch.dtype | None = Non
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _params(rows: list[RowAlignment | None], owners: np.ndarray,
+def _params(rows: Sequence[RowAlignment | None], owners: np.ndarray,
             device: torch.device) -> torch.Tensor | None:
     """Per-token parameters ``[n, 1]`` of one rule group (a rule takes one or none)."""
     if len(owners) == 0 or rows[owners[0]].param is None:
@@ -188,7 +161,7 @@ def _params(rows: list[RowAlignment | None], owners: np.ndarray,
     return to_device(per_row[owners], device).unsqueeze(-1)
 
 
-def _greedy(rows: list[RowAlignment | None], owners: np.ndarray,
+def _greedy(rows: Sequence[RowAlignment | None], owners: np.ndarray,
             device: torch.device) -> torch.Tensor | None:
     per_row = np.array([r is not None and r.greedy for r in rows], dtype=bool)
     if not per_row[owners].any():
@@ -199,47 +172,48 @@ def _greedy(rows: list[RowAlignment | None], owners: np.ndarray,
 def mix_target_logits(
     target_logits: torch.Tensor,
     draft_probs: torch.Tensor | None,
-    num_draft_tokens: list[int],
-    state: StepState,
-) -> torch.Tensor:
-    """Target logits whose softmax is ``pi`` on every mixing row's draft positions.
+    plan: StepPlan,
+    without_q: frozenset[int] = frozenset(),
+) -> Mixed:
+    """Turn ``target_logits`` into logits whose softmax is ``pi`` on every mixing row's
+    draft positions (in place), and say what was found.
 
     ``target_logits`` ``[num_tokens, V]`` hold vLLM's float32 target after temperature/
     top-k/top-p (vLLM hands a fresh tensor that may be updated in place, and this does),
-    ``draft_probs`` the draft's ``q*`` at the same positions. Rows of non-mixing requests
-    and rows without ``q*`` are left as they are. Rows are grouped per rule, each group
-    in chunks of at most half the batch, so the hook never holds more than two
-    ``[num_tokens, V]`` float32 temporaries.
+    ``draft_probs`` the draft's ``q*`` at the same positions, ``without_q`` the rows whose
+    drafts no stored proposal made. Rows of non-mixing requests and rows without ``q*`` are
+    left as they are. Rows are grouped per rule, each group in chunks of at most half the
+    batch, so the hook never holds more than two ``[num_tokens, V]`` float32 temporaries.
     """
     num_tokens = target_logits.shape[0]
     device = target_logits.device
-    state.alpha = torch.zeros(num_tokens, dtype=torch.float32, device=device)
-    state.degraded = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-    rows = state.rows
+    alpha = torch.zeros(num_tokens, dtype=torch.float32, device=device)
+    degraded = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    rows = plan.rows
+    inexact = frozenset(
+        i for i, r in enumerate(rows)
+        if r is not None and r.mixes and plan.drafts[i]
+        and (i in without_q or draft_probs is None))
+    mixed = Mixed(draft_probs, alpha, degraded, inexact)
     if num_tokens == 0:
-        return target_logits
-    owners = np.repeat(np.arange(len(num_draft_tokens)), num_draft_tokens)
+        return mixed
+    if draft_probs is None:
+        if inexact:
+            logger.warning("verification without draft probabilities: pi cannot be formed")
+        return mixed
+    owners = plan.owners()
     rule_of_row = np.array([
-        "" if r is None or not r.mixes or i in state.placeholder_rows
-        or i in state.padded_rows else r.rule
+        "" if r is None or not r.mixes or i in without_q or i in plan.padded_rows else r.rule
         for i, r in enumerate(rows)
     ] + [""], dtype=object)
     rule_of_token = rule_of_row[np.minimum(owners, len(rows))]
-    for i, r in enumerate(rows):
-        if r is not None and r.mixes and num_draft_tokens[i] and i not in state.padded_rows and (
-            i in state.placeholder_rows or draft_probs is None
-        ):
-            state.inexact_rows.add(i)
-    if draft_probs is None:
-        if state.inexact_rows:
-            logger.warning("verification without draft probabilities: pi cannot be formed")
-        return target_logits
     # One rule over every position: mixed in place; else per rule in half-batch chunks.
     named = set(rule_of_token.tolist())
     whole = len(named) == 1 and "" not in named
     for rule, tokens in rule_groups(rule_of_token, None if whole else max(1, num_tokens // 2)):
-        _mix_into(target_logits, draft_probs, None if whole else tokens, rule, owners, state)
-    return target_logits
+        _mix_into(target_logits, draft_probs, None if whole else tokens, rule, owners,
+                  rows, mixed)
+    return mixed
 
 
 def rule_groups(rule_of: Sequence[str] | np.ndarray,
@@ -256,24 +230,25 @@ def rule_groups(rule_of: Sequence[str] | np.ndarray,
 
 def _mix_into(target_logits: torch.Tensor, draft_probs: torch.Tensor,
               tokens: np.ndarray | None, rule: str, owners: np.ndarray,
-              state: StepState) -> None:
-    """Replace the rows ``tokens`` (None: all) of ``target_logits`` by ``log pi``."""
+              rows: Sequence[RowAlignment | None], mixed: Mixed) -> None:
+    """Replace the rows ``tokens`` (None: all) of ``target_logits`` by ``log pi``, and
+    write their alpha and degraded flags into ``mixed``'s tensors."""
     device = target_logits.device
     selected = owners if tokens is None else owners[tokens]
-    param = _params(state.rows, selected, device)
-    greedy = _greedy(state.rows, selected, device)
+    param = _params(rows, selected, device)
+    greedy = _greedy(rows, selected, device)
     if tokens is None:
         log_pi, alpha, bad = mix_rows(target_logits, draft_probs, rule, param, greedy)
         target_logits.copy_(log_pi)
-        state.alpha.copy_(alpha)
-        state.degraded.copy_(bad)
+        mixed.alpha.copy_(alpha)
+        mixed.degraded.copy_(bad)
         return
     index = to_device(tokens, device)
     log_pi, alpha, bad = mix_rows(target_logits.index_select(0, index),
                                   draft_probs.index_select(0, index), rule, param, greedy)
     target_logits.index_copy_(0, index, log_pi)
-    state.alpha.index_copy_(0, index, alpha)
-    state.degraded.index_copy_(0, index, bad)
+    mixed.alpha.index_copy_(0, index, alpha)
+    mixed.degraded.index_copy_(0, index, bad)
 
 
 def sample_from_probs(probs: torch.Tensor,
@@ -287,46 +262,43 @@ def sample_from_probs(probs: torch.Tensor,
 
 
 def resample_plain_rows(
-    sampled: torch.Tensor,
     target_probs: torch.Tensor,
     q_star: torch.Tensor,
-    batch_rows: list[int],
+    batch_rows: Sequence[int],
     generators: dict[int, torch.Generator],
-    state: StepState,
-) -> None:
-    """Rows with no drafts this step: sample their token from ``pi`` instead of ``p``.
+    plan: StepPlan,
+) -> PlainSamples:
+    """Rows with no drafts this step: their token sampled from ``pi`` instead of ``p``.
 
     ``target_probs`` ``[n, V]`` is the processed target (temperature, top-k/top-p) at each
     row's sampled position, ``q_star`` ``[n, V]`` the draft's distribution at the same
-    position (from its last proposal), ``batch_rows[j]`` the batch row of row j, whose
-    ``sampled[row, 0]`` is replaced. ``generators`` are keyed by j.
+    position (from its last proposal), ``batch_rows[j]`` the batch row of row j.
+    ``generators`` are keyed by j.
     """
-    rows = [state.rows[i] for i in batch_rows]
+    rows = [plan.rows[i] for i in batch_rows]
     device = target_probs.device
-    rule_of = [r.rule for r in rows]
     owners = np.asarray(batch_rows)
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-    degraded = torch.zeros(len(state.rows), dtype=torch.bool, device=device)
-    for rule, group in rule_groups(rule_of):
+    degraded = torch.zeros(plan.num_reqs, dtype=torch.bool, device=device)
+    for rule, group in rule_groups([r.rule for r in rows]):
         index = to_device(group, device)
         logits = target_probs.index_select(0, index).log_()
         log_pi, _, bad = mix_rows(logits, q_star.index_select(0, index), rule,
-                                  _params(state.rows, owners[group], device),
-                                  _greedy(state.rows, owners[group], device))
+                                  _params(plan.rows, owners[group], device),
+                                  _greedy(plan.rows, owners[group], device))
         pi = log_pi.exp_()
         local = {k: generators[int(j)] for k, j in enumerate(group) if int(j) in generators}
         tokens.index_copy_(0, index, sample_from_probs(pi, local))
         degraded.index_copy_(0, to_device(owners[group], device), bad)
-    batch_index = to_device(batch_rows, sampled.device)
-    sampled[batch_index, 0] = tokens.to(sampled.dtype)
-    state.resampled_rows.update(batch_rows)
-    state.plain_q.update(zip(batch_rows, q_star.unbind(0)))
-    state.plain_degraded = degraded
+    return PlainSamples(tuple(int(i) for i in batch_rows), tokens, q_star, degraded)
 
 
-def draft_offsets(num_draft_tokens: list[int]) -> np.ndarray:
-    """``[num_reqs + 1]`` start of each row's draft positions (request-major layout)."""
-    return np.concatenate([[0], np.cumsum(num_draft_tokens)]).astype(int)
+def write_first_slots(sampled: torch.Tensor, batch_rows: Sequence[int],
+                      tokens: torch.Tensor) -> None:
+    """``sampled[row, 0] = token`` for each row of ``batch_rows`` (vLLM's output tensor)."""
+    if len(batch_rows):
+        sampled[to_device(list(batch_rows), sampled.device), 0] = tokens.to(
+            sampled.device, sampled.dtype)
 
 
 def forced_token(row: RowAlignment, output_index: int) -> int | None:
@@ -335,9 +307,9 @@ def forced_token(row: RowAlignment, output_index: int) -> int | None:
     return row.forced[k] if 0 <= k < len(row.forced) else None
 
 
-def force_tokens(sampled: np.ndarray, rows: list[RowAlignment | None],
-                 num_draft_tokens: list[int], draft_tokens: np.ndarray,
-                 output_lens: np.ndarray) -> list[int]:
+def force_tokens(sampled: np.ndarray, rows: Sequence[RowAlignment | None],
+                 num_draft_tokens: Sequence[int], draft_tokens: np.ndarray,
+                 output_lens: Sequence[int]) -> list[int]:
     """Scoring rows: their outputs are the prompt's own tokens, not samples.
 
     ``sampled`` ``[num_reqs, width]`` (host copy, changed in place), ``draft_tokens`` the
@@ -374,7 +346,7 @@ def unscaled_log_pi(
     target_logits: torch.Tensor,
     q_star: torch.Tensor,
     temperature: torch.Tensor,
-    rows: list[RowAlignment | None],
+    rows: Sequence[RowAlignment | None],
     owners: np.ndarray,
 ) -> torch.Tensor:
     """``log pi`` ``[n, V]`` built from the *unscaled* distributions (temperature 1, no
@@ -412,62 +384,47 @@ def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int,
     return token_ids, own, ranks
 
 
-@dataclass(frozen=True)
-class ScoringStep:
-    """What forcing scored prompts needs: the step's drafts (device, request-major) and
-    the tokens each row output before this step."""
-
-    draft_tokens: torch.Tensor | None
-    output_lens: np.ndarray
-
-
 def finalize_step(
     sampled: torch.Tensor,
     logits: torch.Tensor,
-    bonus_logits_rows: list[int] | None,
-    first_step: list[bool],
-    emitting: list[bool],
-    state: StepState,
-    scoring: ScoringStep | None = None,
-) -> list[RowStepStats]:
-    """Correct vLLM's sampled tokens and return the step's per-request stats.
+    plan: StepPlan,
+    mixed: Mixed | None = None,
+    plain: PlainSamples | None = None,
+    scored_drafts: torch.Tensor | None = None,
+) -> Finalized:
+    """Correct vLLM's sampled tokens (in place) and return the step's per-request stats.
 
     ``sampled`` is ``[num_reqs, 1 + max_spec_len]`` (placeholder -1 for no token);
-    ``logits`` the target logits the step sampled from, ``bonus_logits_rows[i]`` the row of
-    ``logits`` holding request i's bonus/plain position (``None``: row i itself, the plain
-    sampler's layout). ``first_step[i]``: this step samples request i's first output token.
-    ``emitting[i]``: row i's sample is kept (False for a partial prefill chunk).
+    ``logits`` the target logits the step sampled from (rows as in ``plan.first_rows``);
+    ``mixed`` what verification found (None: nothing verified), ``plain`` the rows the hook
+    sampled from pi, ``scored_drafts`` the step's drafts (device, request-major) when the
+    plan has scored prompts.
 
     One device-to-host read brings the sampled tokens, the greedy rows' argmax, the drafts
     of scored prompts, alpha and degraded flags together; every correction (withheld token,
     padded rows, greedy rows, forced prompt tokens, dropped bonus tokens) is made on that
     host copy and written back with one non-blocking copy.
     """
-    num_reqs = len(state.rows)
-    layout = state.num_draft_tokens or [0] * num_reqs  # vLLM's draft slots per row
-    drafts = [state.drafts_of(i) for i in range(num_reqs)]
+    num_reqs = plan.num_reqs
+    drafts = plan.drafts
     device = sampled.device
-    withheld = [row is not None and first_step[i] and row.first_token is not None
-                for i, row in enumerate(state.rows)]
+    resampled = frozenset(plain.rows) if plain is not None else frozenset()
+    inexact_rows = mixed.inexact_rows if mixed is not None else frozenset()
     # Greedy rows whose last token still comes from p at a plain/bonus position (no q*):
     # argmax p there, as vLLM would for a greedy request.
-    greedy = [i for i, row in enumerate(state.rows)
-              if row is not None and row.greedy and i not in state.resampled_rows
-              and drafts[i] == 0 and not withheld[i]]
-    sources = [i if bonus_logits_rows is None else bonus_logits_rows[i] - layout[i]
-               for i in greedy]
-    num_tokens = sum(layout)
+    greedy = [i for i, row in enumerate(plan.rows)
+              if row is not None and row.greedy and i not in resampled
+              and drafts[i] == 0 and not plan.withheld[i]]
+    num_tokens = plan.num_tokens
     parts = [
         sampled[:num_reqs].reshape(-1),
-        state.alpha if state.alpha is not None else torch.zeros(num_tokens, device=device),
-        state.degraded if state.degraded is not None else torch.zeros(num_tokens,
-                                                                      device=device),
-        state.plain_degraded if state.plain_degraded is not None
-        else torch.zeros(num_reqs, device=device),
-        logits.index_select(0, to_device(sources, logits.device, torch.long)).argmax(-1)
+        mixed.alpha if mixed is not None else torch.zeros(num_tokens, device=device),
+        mixed.degraded if mixed is not None else torch.zeros(num_tokens, device=device),
+        plain.degraded if plain is not None else torch.zeros(num_reqs, device=device),
+        logits.index_select(0, to_device([plan.first_rows[i] for i in greedy],
+                                         logits.device, torch.long)).argmax(-1)
         if greedy else torch.zeros(0, device=device),
-        scoring.draft_tokens.reshape(-1)
-        if scoring is not None and scoring.draft_tokens is not None
+        scored_drafts.reshape(-1) if scored_drafts is not None
         else torch.zeros(0, device=device),
     ]
     sizes = [part.numel() for part in parts]
@@ -478,31 +435,31 @@ def finalize_step(
     width = sampled.shape[1]
     tokens = tokens_np.astype(np.int64).reshape(num_reqs, width)
     original = tokens.copy()
-    for i, row in enumerate(state.rows):
-        if withheld[i]:
+    for i, row in enumerate(plan.rows):
+        if plan.withheld[i]:
             # Prefill of prompt[:-1]: the withheld last prompt token is the one output; any
             # later slot (a padded row's) was sampled after a placeholder, not a real token.
             tokens[i, 0] = row.first_token
             tokens[i, 1:] = PLACEHOLDER
-        elif i in state.padded_rows:
+        elif i in plan.padded_rows:
             tokens[i, 1:] = PLACEHOLDER
     tokens[greedy, 0] = greedy_np.astype(np.int64)
-    if scoring is not None:
-        force_tokens(tokens, state.rows, layout, drafts_np.astype(np.int64),
-                     scoring.output_lens)
+    if plan.scores:
+        force_tokens(tokens, plan.rows, plan.layout, drafts_np.astype(np.int64),
+                     plan.output_lens)
     valid_before = (tokens != PLACEHOLDER).sum(axis=-1)
-    offsets = draft_offsets(layout)
+    offsets = plan.offsets()
     results: list[RowStepStats] = []
-    state.emitted = np.zeros(num_reqs, dtype=np.int64)
-    for i, row in enumerate(state.rows):
+    emitted_per_row = np.zeros(num_reqs, dtype=np.int64)
+    for i, row in enumerate(plan.rows):
         if row is None:
             continue
         n_draft = drafts[i]
-        if withheld[i]:
-            state.emitted[i] = 1
+        if plan.withheld[i]:
+            emitted_per_row[i] = 1
             continue  # the withheld prompt token: not generated, not counted
         n_valid = int(valid_before[i])
-        if n_valid == 0 or not emitting[i]:
+        if n_valid == 0 or not plan.emitting[i]:
             continue  # a partial prefill chunk or a discarded row: nothing was sampled
         accepted = n_valid - 1  # vLLM always appends one recovered or bonus token
         emitted = n_valid
@@ -510,9 +467,9 @@ def finalize_step(
             # The bonus token came from p at a position with no q*: dropped.
             tokens[i, n_draft] = PLACEHOLDER
             emitted -= 1
-        state.emitted[i] = emitted
-        plain_from_p = n_draft == 0 and row.mixes and i not in state.resampled_rows
-        inexact = int(i in state.inexact_rows or plain_from_p)
+        emitted_per_row[i] = emitted
+        plain_from_p = n_draft == 0 and row.mixes and i not in resampled
+        inexact = int(i in inexact_rows or plain_from_p)
         positions = min(n_draft, accepted + 1)
         span = slice(offsets[i], offsets[i] + positions)
         row_alpha = alpha_np[span]
@@ -529,4 +486,83 @@ def finalize_step(
         ))
     if not np.array_equal(tokens, original):
         sampled[:num_reqs].copy_(to_device(tokens, device, sampled.dtype))
-    return results
+    return Finalized(results, emitted_per_row)
+
+
+@dataclass(frozen=True)
+class LogprobSources:
+    """Where each reported logprob comes from (``logprob_sources``). Slots are rows of
+    vLLM's ``LogprobsTensors`` (``row * width + j``); logits rows index the step's target
+    logits. ``pi_*``: slots verified or sampled against pi with a q* (``q_star`` row by
+    row, ``pi_owners`` their batch rows); ``p_*``: every other slot of a row that asked
+    for logprobs under pi whose token may differ from vLLM's own (rule ``base``, the
+    withheld first token, forced prompt tokens, drafts verified without q*): log p of the
+    final token (counted inexact where pi was meant)."""
+
+    pi_slots: tuple[int, ...]
+    pi_logit_rows: tuple[int, ...]
+    pi_owners: tuple[int, ...]
+    q_star: torch.Tensor | None
+    p_slots: tuple[int, ...]
+    p_logit_rows: tuple[int, ...]
+
+
+def logprob_sources(plan: StepPlan, width: int, mixed: Mixed | None = None,
+                    plain: PlainSamples | None = None) -> LogprobSources:
+    """The logprobs stage's layout: which slots report log pi (with which q*) and which
+    log p. ``width`` is the sampled tokens' ``1 + max drafts`` (the rejection sampler's
+    layout; 1 when nothing was verified)."""
+    offsets = plan.offsets()
+    pi_slots: list[int] = []
+    pi_logit_rows: list[int] = []
+    pi_owners: list[int] = []
+    q_parts: list[torch.Tensor] = []
+    p_slots: list[int] = []
+    p_logit_rows: list[int] = []
+    resampled = frozenset(plain.rows) if plain is not None else frozenset()
+    for i, row in enumerate(plan.rows):
+        if row is None or not row.wants_logprobs_under_pi:
+            continue
+        n = plan.drafts[i]
+        first = plan.first_rows[i]  # a padded row's first position: its one real one
+        with_q = 0  # leading slots verified against pi with q*
+        if (row.mixes and n > 0 and mixed is not None and mixed.draft_probs is not None
+                and i not in mixed.inexact_rows):
+            with_q = n
+            pi_slots += range(i * width, i * width + n)
+            pi_logit_rows += range(first, first + n)
+            q_parts.append(mixed.draft_probs[offsets[i]:offsets[i] + n])
+            pi_owners += [i] * n
+        elif row.mixes and i in resampled:
+            with_q = 1
+            pi_slots.append(i * width)
+            pi_logit_rows.append(first)
+            q_parts.append(plain.q_of(i).unsqueeze(0))
+            pi_owners.append(i)
+        p_slots += [i * width + j for j in range(with_q, n + 1)]
+        p_logit_rows += [first + j for j in range(with_q, n + 1)]
+    return LogprobSources(tuple(pi_slots), tuple(pi_logit_rows), tuple(pi_owners),
+                          torch.cat(q_parts) if q_parts else None,
+                          tuple(p_slots), tuple(p_logit_rows))
+
+
+def logprobs_of(raw_logits: torch.Tensor, sources: LogprobSources, plan: StepPlan,
+                temperature: torch.Tensor | None,
+                ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+    """``[(slots, log-probabilities [len(slots), V])]``: log p at ``sources.p_*`` and the
+    unscaled log pi at ``sources.pi_*``, from the step's raw target logits.
+    ``temperature`` ``[num_reqs]`` (None: 1) recovers the unscaled q* (``unscaled_log_pi``).
+    """
+    device = raw_logits.device
+    out = []
+    if sources.p_slots:
+        out.append((sources.p_slots, raw_logits.index_select(
+            0, to_device(list(sources.p_logit_rows), device)).float().log_softmax(-1)))
+    if sources.pi_slots:
+        owners = np.asarray(sources.pi_owners)
+        per_position = (torch.ones(len(owners), device=device) if temperature is None
+                        else temperature.index_select(0, to_device(owners, device)))
+        out.append((sources.pi_slots, unscaled_log_pi(
+            raw_logits.index_select(0, to_device(list(sources.pi_logit_rows), device)),
+            sources.q_star.to(device), per_position, plan.rows, owners)))
+    return out

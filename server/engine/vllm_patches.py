@@ -9,7 +9,7 @@ body is copied or replaced (``PINNED_SOURCES``) and every vLLM attribute read
 * ``GPUModelRunner.sample_tokens`` (wrapped): one engine step; rows whose sample vLLM
   discards (partial prefill) have their generators held out of it, replacing upstream's
   offset rewind in ``_bookkeeping_sync`` (CPU: an error; CUDA: one draw undone of several).
-* ``GPUModelRunner._sample`` (wrapped): builds the step's ``StepState`` from vLLM's batch
+* ``GPUModelRunner._sample`` (wrapped): builds the step's ``StepPlan`` from vLLM's batch
   (``input_batch.req_ids``, ``requests[...].sampling_params.extra_args``, the scheduled
   drafts), runs upstream sampling with it in scope, then corrects the sampled tokens
   (withheld first token, padded rows, zero-draft rows from pi, bonus token, greedy rows,
@@ -45,9 +45,9 @@ import inspect
 import logging
 import pkgutil
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from server.engine import verification_hook as hook
-from server.engine.hook_context import DraftPass, NextDrafts
+from server.engine.hook_context import DraftPass, next_drafts
 from server.engine.hook_settings import HookSettings, context_of, settings_of
 
 logger = logging.getLogger(__name__)
@@ -185,19 +185,21 @@ def has_attribute(cls: type, name: str) -> bool:
     return False
 
 
+@dataclass
+class StepInProgress:
+    """What the calls vLLM makes itself inside ``_sample`` (the draft-probability lookup
+    and the rejection sampler, which receive no runner) saw of the step, for ``_sample`` to
+    read after: set and reset around that one call through ``_STEP_IN_PROGRESS``."""
+
+    plan: hook.StepPlan
+    without_q: frozenset[int] = frozenset()
+    mixed: hook.Mixed | None = None
+
+
 # The step ``_sample`` is running, for the module-level ``rejection_sample`` it calls (which
 # receives no runner): set and reset around that one call, as vLLM's own
 # ``set_forward_context`` scopes a forward pass.
-_STEP_IN_PROGRESS: ContextVar[hook.StepState | None] = ContextVar("kad_step", default=None)
-
-
-@contextmanager
-def _step_in_progress(state: hook.StepState) -> Iterator[None]:
-    token = _STEP_IN_PROGRESS.set(state)
-    try:
-        yield
-    finally:
-        _STEP_IN_PROGRESS.reset(token)
+_STEP_IN_PROGRESS: ContextVar[StepInProgress | None] = ContextVar("kad_step", default=None)
 
 
 class PinnedInternalsError(RuntimeError):
@@ -245,15 +247,6 @@ def check_pinned_internals() -> None:
             "kad-serve's verification hook does not match the installed vLLM: "
             + "; ".join(problems)
         )
-
-
-def _row_settings(runner: Any) -> list[hook.RowAlignment | None]:
-    rows = []
-    for req_id in runner.input_batch.req_ids:
-        state = runner.requests.get(req_id)
-        params = None if state is None else state.sampling_params
-        rows.append(hook.RowAlignment.from_extra_args(getattr(params, "extra_args", None)))
-    return rows
 
 
 def _output_lens(runner: Any, num_reqs: int, num_draft_tokens: list[int]) -> np.ndarray:
@@ -311,23 +304,24 @@ def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
     return apply_top_k_top_p(x, top_k, top_p).softmax(dim=-1)
 
 
-def _resample_plain_rows(runner: Any, logits: torch.Tensor, output: Any,
-                         first_rows: list[int], plain: list[int],
-                         state: hook.StepState) -> None:
-    """Rows with no real drafts: sample from pi with the q* of their last proposal."""
-    req_ids = runner.input_batch.req_ids
+def _resample_plain_rows(runner: Any, logits: torch.Tensor,
+                         plan: hook.StepPlan) -> hook.PlainSamples | None:
+    """Rows with no drafts: sampled from pi with the q* of their last proposal (None when
+    no such row has a stored q*)."""
+    if not plan.plain:
+        return None
     q_rows = context_of(runner.vllm_config).draft_probs.take_first_rows(
-        [req_ids[i] for i in plain])
-    usable = [(i, q) for i, q in zip(plain, q_rows) if q is not None]
+        [plan.req_ids[i] for i in plan.plain])
+    usable = [(i, q) for i, q in zip(plan.plain, q_rows) if q is not None]
     if not usable:
-        return
+        return None
     batch_rows = [i for i, _ in usable]
     metadata = runner.input_batch.sampling_metadata
-    target = _processed_target_probs(logits, [first_rows[i] for i in batch_rows], batch_rows,
-                                     metadata)
+    target = _processed_target_probs(logits, [plan.first_rows[i] for i in batch_rows],
+                                     batch_rows, metadata)
     q_star = torch.stack([q for _, q in usable]).to(target.device)
-    hook.resample_plain_rows(output.sampled_token_ids, target, q_star, batch_rows,
-                             _generators_of(metadata, batch_rows), state)
+    return hook.resample_plain_rows(target, q_star, batch_rows,
+                                    _generators_of(metadata, batch_rows), plan)
 
 
 def _generators_of(metadata: Any, batch_rows: list[int]) -> dict[int, torch.Generator]:
@@ -336,19 +330,17 @@ def _generators_of(metadata: Any, batch_rows: list[int]) -> dict[int, torch.Gene
             if i in metadata.generators}
 
 
-def _sample_padded_rows_from_p(runner: Any, logits: torch.Tensor, output: Any,
-                               first_rows: list[int], rows: list[int]) -> None:
+def _sample_padded_rows_from_p(runner: Any, logits: torch.Tensor, plan: hook.StepPlan,
+                               rows: list[int]) -> torch.Tensor:
     """Padded rows with no q* to mix with: their one token is a sample of the processed p
-    at their first position, drawn here (vLLM's CPU kernel may accept a ``-1`` draft and
-    leave that slot empty; CUDA's rejects it and recovers from p, the same distribution)."""
+    at their first position (vLLM's CPU kernel may accept a ``-1`` draft and leave that
+    slot empty; CUDA's rejects it and recovers from p, the same distribution)."""
     if not rows:
-        return
+        return torch.zeros(0, dtype=torch.long)
     metadata = runner.input_batch.sampling_metadata
-    target = _processed_target_probs(logits, [first_rows[i] for i in rows], rows, metadata)
-    tokens = hook.sample_from_probs(target, _generators_of(metadata, rows))
-    sampled = output.sampled_token_ids
-    sampled[hook.to_device(rows, sampled.device), 0] = tokens.to(sampled.device,
-                                                                         sampled.dtype)
+    target = _processed_target_probs(logits, [plan.first_rows[i] for i in rows], rows,
+                                     metadata)
+    return hook.sample_from_probs(target, _generators_of(metadata, rows))
 
 
 def _padded_rows(runner: Any, drafts: list[int]) -> frozenset[int]:
@@ -359,137 +351,88 @@ def _padded_rows(runner: Any, drafts: list[int]) -> frozenset[int]:
                      if n and all(t < 0 for t in spec[i][:n]))
 
 
+def _plan_step(runner: Any, spec_decode_metadata: Any,
+               rows: list[hook.RowAlignment | None]) -> hook.StepPlan:
+    """The step's immutable plan, from vLLM's batch (host data only: no device read)."""
+    num_reqs = len(rows)
+    layout = [0] * num_reqs
+    if spec_decode_metadata is not None:
+        layout = [int(n) for n in spec_decode_metadata.num_draft_tokens]
+    return hook.StepPlan.build(
+        rows, num_draft_tokens=layout, padded_rows=_padded_rows(runner, layout),
+        output_lens=_output_lens(runner, num_reqs, layout).tolist(),
+        emitting=_emitting_flags(runner, num_reqs),
+        req_ids=list(runner.input_batch.req_ids))
+
+
 def _wrap_sample(original):
     def _sample(self, logits, spec_decode_metadata):
+        """One step's sampling, in named stages over one immutable plan: upstream sampling
+        (verification against pi inside it), zero-draft rows from pi, padded rows from p,
+        finalize (vLLM's tokens corrected), the next proposal's drafts, logprobs, report."""
         settings = settings_of(self.vllm_config)
         if settings is None:  # an engine kad-serve did not start: untouched
             return original(self, logits, spec_decode_metadata)
         context = settings.context
-        rows = _row_settings(self)
-        num_reqs = len(rows)
+        rows = context.rows_of(self.input_batch.req_ids, self.requests)
         context.next_drafts = {}
         if not any(row is not None for row in rows):
             return original(self, logits, spec_decode_metadata)
-        drafts = [0] * num_reqs
-        bonus_rows = None
-        if spec_decode_metadata is not None:
-            drafts = [int(n) for n in spec_decode_metadata.num_draft_tokens]
-            if sum(drafts) == 0:
-                # Nothing to verify (prefills, drafts cut to zero): the logits hold one row
-                # per request, the plain sampler's layout. vLLM 0.32's rejection sampler
-                # crashes on an empty verification with top-k set.
-                spec_decode_metadata = None
-            else:
-                bonus_rows = (np.cumsum(drafts) + np.arange(num_reqs)).tolist()
-        state = hook.StepState(rows=rows, num_draft_tokens=drafts,
-                               padded_rows=_padded_rows(self, drafts))
-        output_lens = _output_lens(self, num_reqs, drafts)
-        first = (output_lens == 0).tolist()
-        emitting = _emitting_flags(self, num_reqs)
-        # Logits row of each row's first sampled position (its only one without drafts).
-        first_rows = list(range(num_reqs)) if bonus_rows is None else [
-            bonus_rows[i] - drafts[i] for i in range(num_reqs)]
-        sampled_here = [i for i, row in enumerate(rows) if row is not None
-                        and state.drafts_of(i) == 0 and emitting[i]
-                        and not (first[i] and row.first_token is not None)]
-        plain = [i for i in sampled_here if rows[i].mixes]
+        plan = _plan_step(self, spec_decode_metadata, rows)
+        verified = spec_decode_metadata if plan.verifies else None
+        # Nothing to verify (prefills, drafts cut to zero): the logits hold one row per
+        # request, the plain sampler's layout (vLLM 0.32's rejection sampler crashes on an
+        # empty verification with top-k set).
         raw_logits = logits
-        verified = spec_decode_metadata
-        wants_logprobs = _wants_logprobs(rows)
-        if spec_decode_metadata is None and (plain or wants_logprobs):
+        if verified is None and (plan.plain or plan.wants_logprobs):
             # vLLM's plain sampler divides float32 logits by the temperature in place;
             # resampling from pi and logprobs need the raw target.
             logits = logits.clone()
-        with _step_in_progress(state):
-            output = original(self, logits, spec_decode_metadata)
-        if plain:
-            _resample_plain_rows(self, raw_logits, output, first_rows, plain, state)
-        _sample_padded_rows_from_p(self, raw_logits, output, first_rows, [
-            i for i in sampled_here
-            if i in state.padded_rows and i not in state.resampled_rows])
-        scoring = None
-        if any(row is not None and row.forced for row in rows):
-            scoring = hook.ScoringStep(
-                None if verified is None else verified.draft_token_ids, output_lens)
-        stats = hook.finalize_step(output.sampled_token_ids, raw_logits, bonus_rows, first,
-                                   emitting, state, scoring)
+        step = StepInProgress(plan)
+        token = _STEP_IN_PROGRESS.set(step)
+        try:
+            output = original(self, logits, verified)
+        finally:
+            _STEP_IN_PROGRESS.reset(token)
+        sampled = output.sampled_token_ids
+        plain = _resample_plain_rows(self, raw_logits, plan)
+        if plain is not None:
+            hook.write_first_slots(sampled, plain.rows, plain.tokens)
+        from_p = [i for i in plan.sampled_here
+                  if i in plan.padded_rows and (plain is None or i not in plain.rows)]
+        hook.write_first_slots(sampled, from_p,
+                               _sample_padded_rows_from_p(self, raw_logits, plan, from_p))
+        finalized = hook.finalize_step(
+            sampled, raw_logits, plan, step.mixed, plain,
+            verified.draft_token_ids if plan.scores and verified is not None else None)
         if self.speculative_config is not None:
-            context.next_drafts = _next_drafts(
-                list(self.input_batch.req_ids), rows, output_lens, state.emitted,
-                self.speculative_config.num_speculative_tokens)
-        if output.logprobs_tensors is not None and wants_logprobs:
-            _logprobs_under_pi(self, output, raw_logits, bonus_rows, state)
-        _report(stats, settings)
+            context.next_drafts = next_drafts(
+                plan, finalized.emitted, self.speculative_config.num_speculative_tokens)
+        if output.logprobs_tensors is not None and plan.wants_logprobs:
+            _logprobs_under_pi(self, output, raw_logits, plan, step.mixed, plain)
+        _report(finalized.stats, settings)
         return output
 
     _sample.__kad_original__ = original
     return _sample
 
 
-def _wants_logprobs(rows: list[hook.RowAlignment | None]) -> bool:
-    return any(row is not None and (row.mixes or row.forced) and row.logprobs is not None
-               for row in rows)
-
-
 def _logprobs_under_pi(runner: Any, output: Any, raw_logits: torch.Tensor,
-                       bonus_rows: list[int] | None, state: hook.StepState) -> None:
+                       plan: hook.StepPlan, mixed: hook.Mixed | None,
+                       plain: hook.PlainSamples | None) -> None:
     """Overwrite vLLM's logprobs (of p) by those of pi for every token of a mixing request
-    that asked for logprobs and was verified against pi with q*: the draft positions, and
-    zero-draft rows resampled from pi. Tokens sampled without q* get log p (they are
-    counted inexact). vLLM's tensors are laid out ``[num_reqs * width, k + 1]``
-    (``width`` = 1 + max drafts, the rejection sampler's layout) or ``[num_reqs, k + 1]``.
-    """
-    tensors = output.logprobs_tensors
-    num_logprobs = runner.input_batch.sampling_metadata.max_num_logprobs
+    that asked for logprobs and was verified against pi with q*; other slots of such a
+    request whose token is not vLLM's own get log p (``hook.logprob_sources``). vLLM's
+    tensors are laid out ``[num_reqs * width, k + 1]`` (``width`` = 1 + max drafts, the
+    rejection sampler's layout) or ``[num_reqs, k + 1]``."""
+    metadata = runner.input_batch.sampling_metadata
+    num_logprobs = metadata.max_num_logprobs
     if num_logprobs is None or num_logprobs < 0:
         return  # -1 (the whole vocabulary) is not offered by the API
-    width = output.sampled_token_ids.shape[1]
-    layout = state.num_draft_tokens
-    offsets = hook.draft_offsets(layout)
-    out_rows, logit_rows, q_parts, owners = [], [], [], []
-    p_rows: list[tuple[int, int]] = []  # (output row, logits row): no q*, log p
-    for i, row in enumerate(state.rows):
-        if row is None or row.logprobs is None or not (row.mixes or row.forced):
-            continue
-        n = state.drafts_of(i)
-        # The bonus/plain position (a padded row's first position: its one real one).
-        plain_row = i if bonus_rows is None else bonus_rows[i] - layout[i] + n
-        with_q = 0  # leading slots verified against pi with q*
-        if row.mixes and n > 0 and state.draft_probs is not None \
-                and i not in state.inexact_rows:
-            with_q = n
-            out_rows += range(i * width, i * width + n)
-            logit_rows += range(plain_row - n, plain_row)
-            q_parts.append(state.draft_probs[offsets[i]:offsets[i] + n])
-            owners += [i] * n
-        elif row.mixes and i in state.plain_q:
-            with_q = 1
-            out_rows.append(i * width)
-            logit_rows.append(plain_row)
-            q_parts.append(state.plain_q[i].unsqueeze(0))
-            owners.append(i)
-        # Every other slot whose token may differ from vLLM's own (rule base, the withheld
-        # first token, forced prompt tokens, drafts verified without q*): log p of the
-        # final token (counted inexact where pi was meant).
-        p_rows += [(i * width + j, plain_row - n + j) for j in range(with_q, n + 1)]
-    device = raw_logits.device
-    if p_rows:
-        out_index = hook.to_device([r for r, _ in p_rows], device)
-        log_p = raw_logits.index_select(
-            0, hook.to_device([r for _, r in p_rows], device)).float().log_softmax(-1)
-        _write_logprobs(tensors, out_index, log_p, output.sampled_token_ids, num_logprobs)
-    if not out_rows:
-        return
-    metadata = runner.input_batch.sampling_metadata
-    owner_index = hook.to_device(owners, device)
-    temperature = (torch.ones(len(owners), device=device) if metadata.temperature is None
-                   else metadata.temperature.index_select(0, owner_index))
-    log_pi = hook.unscaled_log_pi(
-        raw_logits.index_select(0, hook.to_device(logit_rows, device)),
-        torch.cat(q_parts).to(device), temperature, state.rows, np.asarray(owners),
-    )
-    _write_logprobs(tensors, hook.to_device(out_rows, device), log_pi,
-                    output.sampled_token_ids, num_logprobs)
+    sources = hook.logprob_sources(plan, output.sampled_token_ids.shape[1], mixed, plain)
+    for slots, log_probs in hook.logprobs_of(raw_logits, sources, plan, metadata.temperature):
+        _write_logprobs(output.logprobs_tensors, hook.to_device(list(slots), raw_logits.device),
+                        log_probs, output.sampled_token_ids, num_logprobs)
 
 
 def _write_logprobs(tensors: Any, out_index: torch.Tensor, log_probs: torch.Tensor,
@@ -514,27 +457,6 @@ def _report(stats: list[hook.RowStepStats], settings: HookSettings) -> None:
     sender = context.sender_for(settings.stats_endpoint)
     if stats and sender is not None and _is_stats_rank():
         sender.send(stats)
-
-
-def _next_drafts(req_ids: list[str], rows: list[hook.RowAlignment | None],
-                 output_lens: np.ndarray, emitted: np.ndarray,
-                 gamma: int) -> dict[str, NextDrafts]:
-    """Per vLLM request id, what the proposal that follows this step drafts for it: the
-    argmax of q* for greedy-over-pi rows; for a scored prompt, its tokens at the output
-    positions after what the row emitted this step (``forced_token``)."""
-    plans = {}
-    for i, row in enumerate(rows):
-        if row is None:
-            continue
-        forced: tuple[int, ...] = ()
-        if row.forced:
-            start = int(output_lens[i] + emitted[i])
-            tokens = [hook.forced_token(row, start + j) for j in range(gamma)]
-            if any(t is not None for t in tokens):
-                forced = tuple(-1 if t is None else t for t in tokens)
-        if row.greedy or forced:
-            plans[req_ids[i]] = NextDrafts(greedy=row.greedy, forced=forced)
-    return plans
 
 
 def _wrap_sample_tokens(original):
@@ -586,17 +508,14 @@ def _wrap_copy_draft_token_ids_to_cpu(original):
 
 def _per_request_draft_probs(original):
     def _get_spec_decode_draft_probs(self, spec_decode_metadata):
-        state = _STEP_IN_PROGRESS.get()
-        if state is None:
+        step = _STEP_IN_PROGRESS.get()
+        if step is None:
             return original(self, spec_decode_metadata)
         store = context_of(self.vllm_config).draft_probs
         store.keep_only(self.requests.keys())
-        probs, without = store.take(
-            list(self.input_batch.req_ids), spec_decode_metadata.num_draft_tokens,
-            keep=state.padded_rows,
-        )
-        state.placeholder_rows = without
-        state.draft_probs = probs
+        probs, without = store.take(list(step.plan.req_ids), list(step.plan.layout),
+                                    keep=step.plan.padded_rows)
+        step.without_q = frozenset(without)
         return probs
 
     _get_spec_decode_draft_probs.__kad_original__ = original
@@ -609,11 +528,10 @@ def _wrap_rejection_sample(original):
         target_logits, bonus_token_ids, sampling_metadata, synthetic_mode=False,
         synthetic_conditional_rates=None, use_fp64_gumbel=False,
     ):
-        state = _STEP_IN_PROGRESS.get()
-        if state is not None:
-            target_logits = hook.mix_target_logits(
-                target_logits, draft_probs, list(num_draft_tokens), state
-            )
+        step = _STEP_IN_PROGRESS.get()
+        if step is not None:
+            step.mixed = hook.mix_target_logits(target_logits, draft_probs, step.plan,
+                                                step.without_q)
         return original(
             draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
             draft_probs, target_logits, bonus_token_ids, sampling_metadata,
@@ -668,8 +586,8 @@ def profile_hook_memory(max_num_seqs: int, gamma: int, vocab: int,
                           greedy=i == 0, logprobs=PROFILE_TOP_LOGPROBS)
         for i in range(max_num_seqs)
     ]
-    state = hook.StepState(rows=rows, num_draft_tokens=[gamma] * max_num_seqs)
-    hook.mix_target_logits(target, q_star, state.num_draft_tokens, state)
+    hook.mix_target_logits(target, q_star, hook.StepPlan.build(
+        rows, num_draft_tokens=[gamma] * max_num_seqs))
     owners = np.repeat(np.arange(max_num_seqs), gamma)
     # _logprobs_under_pi gathers the positions' raw logits and q* (copies) first.
     log_pi = hook.unscaled_log_pi(raw[:num_tokens].clone(), q_star.clone(),
