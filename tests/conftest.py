@@ -71,11 +71,14 @@ def production_engine(tiny_pair):
 
 
 def tiny_serve_config(pair: TinyPair, **engine):
-    """A ServeConfig for the tiny pair (float32, small KV cache) with engine overrides."""
+    """A ServeConfig for the tiny pair (float32, small KV cache) with engine overrides.
+    Eager, as the shipped CPU configs: vLLM's CPU torch.compile pass recompiles at every
+    start (about half an engine's start-up here) and does not touch the sampler the hook
+    patches."""
     from server.config import ServeConfig
 
     settings = {"dtype": "float32", "max_model_len": 512, "cpu_kv_cache_gib": 1,
-                "max_num_seqs": 256, "num_speculative_tokens": 1}
+                "max_num_seqs": 256, "num_speculative_tokens": 1, "enforce_eager": True}
     settings.update(engine)
     return ServeConfig.model_validate({
         "models": {"target": str(pair.target), "draft": str(pair.draft)},

@@ -303,3 +303,41 @@ def test_the_server_refuses_to_start_on_a_drifted_uvicorn(monkeypatch, caplog):
                                                     "draft": "/nonexistent/d"}})
     assert cli.run(config) == 1
     assert "H11Protocol.data_received(x)" in caplog.text
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One response (by its content-length) from a connection that stays open; b"" when
+    the server closed it instead."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_request_that_arrived_while_the_loop_was_busy_is_answered(limited):
+    """uvloop (libuv) runs due timers before it reads sockets. When the event loop was busy
+    past an idle connection's keep-alive and head deadlines (1 s here), a request that
+    arrived in time must be read and answered, not have its connection closed by a timer
+    that fired late."""
+    loop = limited.server.servers[0].get_loop()
+    with _connect(limited) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: kad\r\n\r\n")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+        loop.call_soon_threadsafe(time.sleep, 2.5)  # the loop is busy for 2.5 s
+        time.sleep(0.5)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: kad\r\n\r\n")  # in time: idle 0.5 s
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+        # Idle again, with the loop free: closed after the keep-alive timeout as before.
+        received, waited = _read_all(sock)
+    assert received == b"" and 0.9 < waited < 2.5

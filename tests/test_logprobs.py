@@ -183,3 +183,54 @@ def test_scoring_joining_a_running_batch_is_exact(production_engine, reference_f
             assert abs(math.exp(scores[t].logprob) - want) < 1e-5, (rule, sampling, t)
             if want > 1e-3:
                 assert abs(scores[t].logprob - math.log(want)) < TOLERANCE, (rule, sampling, t)
+
+
+def test_scoring_beside_a_generation_that_starts_with_end_of_text_in_the_same_steps(
+        production_engine, reference_factory):
+    """Two different requests in the same steps, found by request id: a scored prompt and a
+    seeded generation whose prompt starts with the end-of-text token. Together, each gives
+    exactly what it gives alone, and the scored positions are log pi."""
+    import asyncio
+    import random
+
+    rng = random.Random(23)
+    tokenizer = production_engine.engine.tokenizer
+    vocab = tokenizer.vocab_size
+    eos = tokenizer.eos_token_id
+    assert eos is not None
+    generation_prompt = [eos] + [rng.randrange(3, vocab) for _ in range(10)]
+    scored_prompt = [rng.randrange(3, vocab) for _ in range(48)]
+    alignment = AlignmentSettings.paper_default("kad_dual")
+
+    def generate():
+        return production_engine.complete(
+            generation_prompt,
+            SamplingOptions(max_tokens=40, temperature=0.8, top_k=40, seed=5, logprobs=1,
+                            ignore_eos=True), alignment)
+
+    def score():
+        return production_engine.complete(
+            scored_prompt, SamplingOptions(max_tokens=1, temperature=0.0, logprobs=1,
+                                           prompt_logprobs=True), alignment)
+
+    alone = [production_engine.run(generate(), timeout=600),
+             production_engine.run(score(), timeout=600)]
+
+    async def together():
+        return await asyncio.gather(generate(), score())
+
+    for _ in range(3):
+        both = production_engine.run(together(), timeout=600)
+        for mine, single in zip(both, alone):
+            assert mine.token_ids == single.token_ids
+            assert mine.stats.inexact == 0 and mine.stats.degraded == 0
+            for a, b in zip(mine.logprobs, single.logprobs):
+                assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-5
+        scores = both[1].prompt_logprobs
+        assert [entry.token_id for entry in scores] == scored_prompt
+        assert all(abs(a.logprob - b.logprob) < 1e-5
+                   for a, b in zip(scores[1:], alone[1].prompt_logprobs[1:]))
+    reference = reference_factory("kad_dual", alignment.param, temperature=1.0)
+    for t in range(2, len(scored_prompt)):
+        _, _, pi = reference.next_distributions(scored_prompt[:t])
+        assert abs(math.exp(scores[t].logprob) - float(pi[scored_prompt[t]])) < 1e-5, t

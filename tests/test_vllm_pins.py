@@ -157,7 +157,8 @@ def engine_config(tiny_pair):
 
     from server.engine.vllm_engine import engine_args
 
-    config = tiny_serve_config(tiny_pair, num_speculative_tokens=5)
+    # The GPU configs' setting: CUDA graphs and compilation on.
+    config = tiny_serve_config(tiny_pair, num_speculative_tokens=5, enforce_eager=False)
     return engine_args(config).create_engine_config()
 
 
