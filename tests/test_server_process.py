@@ -202,13 +202,21 @@ def test_sigterm_to_the_process_group_drains_16_streams_and_exits_zero(server):
     plain = {}
     complete = functools.partial(_complete, url, plain, max_tokens=400, seed=1)
 
-    # The non-streaming request is admitted before the signal (a connection made after it
-    # is refused: the listening socket closes first, which is the drain's design).
+    # Every request is admitted before the signal (a connection made after it is refused:
+    # the listening socket closes first, which is the drain's design). The engine core is
+    # frozen meanwhile, so the non-streaming request cannot finish before it is seen
+    # admitted however fast the machine (admission does not involve the core).
+    (core,) = [p for p in _descendants(server["process"].pid) if "EngineCor" in p.name()]
     first = threading.Thread(target=complete)
-    first.start()
-    wait_until(lambda: _running(url) >= 1, 120, "the non-streaming request was not admitted")
-    for worker in workers:
-        worker.start()
+    core.suspend()
+    try:
+        first.start()
+        wait_until(lambda: _running(url) >= 1, 120, "the non-streaming request was not admitted")
+        for worker in workers:
+            worker.start()
+        wait_until(lambda: _running(url) >= 17, 120, "the streams were not admitted")
+    finally:
+        core.resume()
     workers.append(first)
     wait_until(lambda: all(out.get("started") for out in streams), 120, "streams did not start")
     os.killpg(server["process"].pid, signal.SIGTERM)
