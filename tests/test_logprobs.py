@@ -234,3 +234,45 @@ def test_scoring_beside_a_generation_that_starts_with_end_of_text_in_the_same_st
     for t in range(2, len(scored_prompt)):
         _, _, pi = reference.next_distributions(scored_prompt[:t])
         assert abs(math.exp(scores[t].logprob) - float(pi[scored_prompt[t]])) < 1e-5, t
+
+
+@pytest.mark.parametrize("rule", ["kad_dual", "confidence_bet"])
+def test_pairs_of_scoring_requests_sent_together_each_equal_alone_and_pi(
+        production_engine, reference_factory, rule):
+    """What lm-evaluation-harness with ``num_concurrent`` > 1 sends: two scoring requests
+    (30 and 255 tokens, one greedy, one sampled with top-k/top-p) at the same time, four
+    times over. Every response equals the same request sent alone, and every scored
+    position from 2 on is the reference decoder's pi."""
+    import asyncio
+    import random
+
+    rng = random.Random(29)
+    vocab = production_engine.engine.tokenizer.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in (30, 255)]
+    samplings = [SAMPLINGS["greedy"], SAMPLINGS["t0.7-topk-topp"]]
+    alignment = AlignmentSettings.paper_default(rule)
+
+    def score(i):
+        return production_engine.complete(
+            prompts[i], SamplingOptions(max_tokens=1, seed=1234, logprobs=1,
+                                        prompt_logprobs=True, **samplings[i]), alignment)
+
+    alone = [production_engine.run(score(i), timeout=600) for i in range(2)]
+
+    async def pair():
+        return await asyncio.gather(score(0), score(1))
+
+    reference = reference_factory(rule, alignment.param, temperature=1.0)
+    for i, prompt in enumerate(prompts):
+        scores = alone[i].prompt_logprobs
+        assert [entry.token_id for entry in scores] == prompt
+        for t in range(2, len(prompt)):
+            _, _, pi = reference.next_distributions(prompt[:t])
+            assert abs(math.exp(scores[t].logprob) - float(pi[prompt[t]])) < 1e-5, (i, t)
+    for _ in range(4):
+        for together, single in zip(production_engine.run(pair(), timeout=600), alone):
+            assert together.stats.inexact == 0 and together.stats.degraded == 0
+            assert [e.token_id for e in together.prompt_logprobs] == \
+                [e.token_id for e in single.prompt_logprobs]
+            assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in
+                       zip(together.prompt_logprobs[1:], single.prompt_logprobs[1:]))
