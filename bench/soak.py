@@ -260,7 +260,7 @@ class Soak:
         except TimeoutError:
             record["lost"] = f"no answer within {self.args.timeout:g} s"
         except httpx.HTTPError as exc:
-            record["lost"] = f"transport error: {type(exc).__name__}: {exc}"
+            record["lost"] = f"transport error: {_chain(exc)}"
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             record["unexpected"] = f"malformed stream event: {exc}"
         record["end"] = self.now()
@@ -755,6 +755,16 @@ def _json(content: bytes) -> Any:
         return json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def _chain(exc: BaseException) -> str:
+    """``Type: message`` of an exception and of what caused it (httpx's ReadError says
+    nothing by itself: the cause tells a reset by the server from a socket closed here)."""
+    parts = []
+    while exc is not None and len(parts) < 4:
+        parts.append(f"{type(exc).__name__}: {exc}".rstrip(": "))
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)
 
 
 def _listening_pid(root: str) -> int | None:
