@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from server.engine.draft_probs import DraftProbStore
+from server.engine.prompt_scoring import HiddenStateCapture
 from server.engine.stats_channel import StatsSender
 from server.engine.step_plan import RowAlignment, StepPlan
 from server.engine.verification_hook import forced_token, to_device
@@ -155,6 +156,9 @@ class HookContext:
     # batch (``rows_of``); by vLLM request id.
     rows: dict[str, RowAlignment | None] = field(default_factory=dict)
     draft_pass: DraftPass | None = None
+    # The scoring rows' drafter hidden states of this step, from the proposal to the
+    # bookkeeping that computes prompt logprobs (``prompt_scoring``).
+    scoring_capture: HiddenStateCapture | None = None
     sender: StatsSender | None = None
     sender_endpoint: str | None = None
     logged_degraded: bool = False

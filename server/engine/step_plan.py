@@ -33,6 +33,9 @@ class RowAlignment:
     # Prompt scoring: output tokens 1, 2, ... are forced to be these (the prompt's tokens
     # after the two vLLM was given as prompt and withheld token), see ``force_tokens``.
     forced: tuple[int, ...] = ()
+    # Prompt scoring from prefill: vLLM computes this request's prompt logprobs, the hook
+    # replaces them by log pi (``prompt_scoring``); its one sampled token is vLLM's own.
+    scores: bool = False
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RowAlignment | None:
@@ -47,6 +50,7 @@ class RowAlignment:
             first_token=settings.get("first_token"),
             logprobs=settings.get("logprobs"),
             forced=tuple(settings.get("forced") or ()),
+            scores=bool(settings.get("scores", False)),
         )
 
     @property

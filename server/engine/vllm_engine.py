@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import uuid
 from collections import defaultdict
@@ -318,7 +319,7 @@ class VllmEngine:
 
     def _sampling_params(
         self, request_id: str, sampling: SamplingOptions, alignment: AlignmentSettings,
-        first_token: int | None, forced: list[int],
+        first_token: int | None,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -334,7 +335,6 @@ class VllmEngine:
             "greedy": greedy and mixes,
             "first_token": first_token,
             "logprobs": sampling.logprobs,
-            "forced": forced,
         }
         return SamplingParams(
             n=1,
@@ -342,10 +342,8 @@ class VllmEngine:
             top_p=1.0 if greedy else sampling.top_p,
             top_k=0 if greedy or not sampling.top_k else sampling.top_k,
             seed=sampling.seed,
-            max_tokens=sampling.max_tokens + int(first_token is not None) + len(forced),
-            # A scored prompt may contain end-of-text: vLLM must not stop in it (the end
-            # of the generated part is checked here, ``_ends_generation``).
-            ignore_eos=sampling.ignore_eos or bool(forced),
+            max_tokens=sampling.max_tokens + int(first_token is not None),
+            ignore_eos=sampling.ignore_eos,
             logprobs=sampling.logprobs,
             repetition_penalty=sampling.repetition_penalty,
             detokenize=False,
@@ -353,20 +351,47 @@ class VllmEngine:
             extra_args={EXTRA_ARGS_KEY: kad},
         )
 
-    def _plan_prompt(self, prompt: list[int], sampling: SamplingOptions,
-                     ) -> tuple[list[int], int | None, list[int]]:
-        """``(vLLM's prompt, withheld token, forced tokens)``.
-
-        The last prompt token is withheld and re-emitted by the hook as "output" 0, so that
-        q* exists at the first real output position (see verification_hook). To score the
-        prompt (``prompt_logprobs``), vLLM gets its first token only and the hook forces
-        the rest as outputs, each verified (and so given log pi) at its own position.
-        """
-        if sampling.prompt_logprobs and len(prompt) >= 2:
-            return prompt[:1], prompt[1], prompt[2:]
+    def _plan_prompt(self, prompt: list[int]) -> tuple[list[int], int | None]:
+        """``(vLLM's prompt, withheld token)``: the last prompt token is withheld and
+        re-emitted by the hook as "output" 0, so that q* exists at the first real output
+        position (see verification_hook)."""
         if len(prompt) >= 2 and prompt[-1] not in self._stop_ids:
-            return prompt[:-1], prompt[-1], []
-        return prompt, None, []
+            return prompt[:-1], prompt[-1]
+        return prompt, None
+
+    async def _score_prompt(self, request_id: str, prompt: list[int], num_logprobs: int,
+                            alignment: AlignmentSettings) -> list[TokenLogprob]:
+        """log pi of every prompt token from position 1 (position 0 has none), from one
+        prefill of each model: vLLM's ``prompt_logprobs`` over the whole prompt, which the
+        hook computes under pi (``prompt_scoring``). The one token vLLM samples after the
+        prompt is discarded; a generation that follows is a request of its own."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        first = TokenLogprob(prompt[0], None)
+        if len(prompt) < 2:
+            return [first]
+        score_id = f"{request_id}-score"
+        params = SamplingParams(
+            n=1, max_tokens=1, prompt_logprobs=num_logprobs, detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args={EXTRA_ARGS_KEY: {"id": score_id, **alignment.as_extra_args(),
+                                         "scores": True}},
+        )
+        final = None
+        try:
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt),
+                                                   params, score_id):
+                final = output
+        finally:
+            if final is None or not final.finished:
+                await self._llm.abort(score_id)
+        positions = list(final.prompt_logprobs or [])[1:]
+        scores = _token_logprobs(prompt[1:], positions, num_logprobs) or []
+        if len(scores) != len(prompt) - 1 or any(math.isnan(s.logprob) for s in scores):
+            raise RuntimeError(f"scoring {request_id} under pi failed (see the engine log)")
+        return [first, *scores]
 
     async def _generate(
         self,
@@ -381,24 +406,23 @@ class VllmEngine:
         if self._llm is None:
             raise RuntimeError("engine not started")
         prompt = list(prompt_token_ids)
-        vllm_prompt, first_token, forced = self._plan_prompt(prompt, sampling)
-        if sampling.max_tokens == 0 and first_token is None:  # one prompt token, nothing to do
+        # Scoring: the prompt's entries, delivered with the first chunk.
+        scored: list[TokenLogprob] | None = None
+        if sampling.prompt_logprobs:
+            scored = await self._score_prompt(request_id, prompt, sampling.logprobs or 0,
+                                              alignment)
+        vllm_prompt, first_token = self._plan_prompt(prompt)
+        if sampling.max_tokens == 0:  # scoring only, or nothing to do
             yield GenerationChunk(
                 [], "", finished=True, finish_reason="length", stats=RequestStats(),
                 prompt_tokens=len(prompt), logprobs=None if sampling.logprobs is None else [],
-                prompt_logprobs=([TokenLogprob(prompt[0], None)] if sampling.prompt_logprobs
-                                 else None))
+                prompt_logprobs=scored)
             return
-        params = self._sampling_params(request_id, sampling, alignment, first_token, forced)
+        params = self._sampling_params(request_id, sampling, alignment, first_token)
         self._live[request_id] = RequestStats()
         self._updated[request_id] = asyncio.Event()
         detok = IncrementalDetokenizer(self.tokenizer, tuple(sampling.stop))
         to_skip = int(first_token is not None)
-        # Scoring: the prompt's entries (its first token has none), delivered once complete.
-        scored: list[TokenLogprob] | None = (
-            [TokenLogprob(prompt[0], None)] if sampling.prompt_logprobs else None)
-        # Outputs that are prompt tokens: the withheld one, then the forced ones.
-        to_score = to_skip + len(forced) if scored is not None else 0
         generated = 0  # tokens vLLM produced for this request (after the withheld one)
         finish_reason: str | None = None
         finished_cleanly = False
@@ -410,18 +434,7 @@ class VllmEngine:
                 completion = output.outputs[0]
                 new_ids = list(completion.token_ids)
                 positions = completion.logprobs
-                if scored is not None and to_score:
-                    # Output 0 is the withheld prompt token 1, then the forced ones.
-                    taken = min(to_score, len(new_ids))
-                    scored += _token_logprobs(new_ids[:taken], positions, sampling.logprobs)
-                    new_ids, to_score = new_ids[taken:], to_score - taken
-                    positions = positions and positions[taken:]
-                    withheld = min(to_skip, taken)
-                    generated += taken - withheld
-                    to_skip -= withheld
-                    if to_score and not output.finished:
-                        continue
-                elif to_skip:
+                if to_skip:
                     dropped = min(to_skip, len(new_ids))
                     new_ids, to_skip = new_ids[dropped:], to_skip - dropped
                     positions = positions and positions[dropped:]
@@ -429,19 +442,17 @@ class VllmEngine:
                 generated += len(new_ids)
                 kept: list[int] = []
                 text = ""
-                ended = False
                 for token_id in new_ids:
                     kept.append(token_id)
                     text += detok.add([token_id])
-                    ended = bool(forced) and self._ends_generation(token_id, sampling)
-                    if detok.stopped or ended:
+                    if detok.stopped:
                         break
-                if detok.stopped or ended:
+                if detok.stopped:
                     finish_reason = "stop"
                 elif output.finished:
                     finish_reason = completion.finish_reason or "stop"
                     text += detok.flush()
-                prompt_scores, scored = (scored, None) if scored is not None else (None, None)
+                prompt_scores, scored = scored, None
                 logprobs = None if new_logprobs is None else new_logprobs[:len(kept)]
                 if finish_reason is not None:
                     if not output.finished:
@@ -464,10 +475,6 @@ class VllmEngine:
                 await self._llm.abort(request_id)
             self._live.pop(request_id, None)
             self._updated.pop(request_id, None)
-
-    def _ends_generation(self, token_id: int, sampling: SamplingOptions) -> bool:
-        """End of text in the generated part of a scored request (vLLM ignores it there)."""
-        return not sampling.ignore_eos and token_id in self._stop_ids
 
     async def _final_stats(self, request_id: str, generated: int, returned: int) -> RequestStats:
         stats = await self._settled_stats(request_id, generated)

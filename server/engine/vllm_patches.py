@@ -57,6 +57,7 @@ import torch
 from server.engine import verification_hook as hook
 from server.engine.hook_context import DraftPass, next_drafts
 from server.engine.hook_settings import HookSettings, context_of, settings_of
+from server.engine.prompt_scoring import HiddenStateCapture, score_positions
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,16 @@ PINNED_SIGNATURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_sampler_run": (
         "self", "hidden_states",
     ),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict": (
+        "self", "hidden_states", "num_scheduled_tokens",
+    ),
+    "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.load_model": (
+        "self", "target_model",
+    ),
+    "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.set_inputs_first_pass": (
+        "self", "target_token_ids", "next_token_ids", "target_positions",
+        "target_hidden_states", "token_indices_to_sample", "cad", "num_rejected_tokens_gpu",
+    ),
 })
 
 # Called, not patched: the hook processes a zero-draft row's target as vLLM does, and
@@ -134,6 +145,15 @@ PINNED_SOURCES: Mapping[str, str] = MappingProxyType({
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner._bookkeeping_sync": "13c3e81003a7e168",
     # the step order the wrappers rely on (_sample, propose, bookkeeping)
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens": "047e6a4738dead56",
+    # mirrored by ``_prompt_logprobs_under_pi`` for scoring requests
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict":
+        "889fdb068dfc37dd",
+    # its first forward (after ``set_inputs_first_pass``) runs over the target's tokens of
+    # the step: ``prompt_scoring.HiddenStateCapture`` keeps that forward's output
+    "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.propose": "00017c139f27a3e7",
+    # the drafter's layout: each request's target tokens, then appended slots
+    "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.set_inputs_first_pass":
+        "00e470090b7c3a35",
 })
 
 # Every attribute of a vLLM object the patches read, by the class that owns it.
@@ -141,16 +161,22 @@ PINNED_ATTRIBUTES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner": (
         "input_batch", "requests", "optimistic_seq_lens_cpu", "discard_request_mask",
         "_draft_probs", "speculative_config", "scheduler_config", "model_config", "device",
-        "vllm_config",
+        "vllm_config", "num_prompt_logprobs", "query_start_loc", "model", "drafter",
+        "_sync_device",
     ),
     "vllm.v1.worker.gpu_input_batch.InputBatch": (
         "req_ids", "num_reqs", "num_prompt_tokens", "spec_token_ids", "sampling_metadata",
-        "generators",
+        "generators", "req_id_to_index",
     ),
-    "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("sampling_params",),
+    "vllm.v1.worker.gpu_input_batch.CachedRequestState": (
+        "sampling_params", "prompt_token_ids", "num_computed_tokens",
+        "in_progress_prompt_logprobs_cpu",
+    ),
     "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer": (
-        "_enable_probabilistic_draft_probs", "use_fp64_gumbel", "vllm_config",
+        "_enable_probabilistic_draft_probs", "use_fp64_gumbel", "vllm_config", "model",
+        "net_num_new_slots_per_request",
     ),
+    "vllm.v1.attention.backend.CommonAttentionMetadata": ("query_start_loc_cpu",),
     "vllm.v1.sample.metadata.SamplingMetadata": (
         "temperature", "all_greedy", "all_random", "top_p", "top_k", "generators",
         "max_num_logprobs", "no_penalties", "prompt_token_ids", "frequency_penalties",
@@ -374,7 +400,10 @@ def _wrap_sample(original):
         if settings is None:  # an engine kad-serve did not start: untouched
             return original(self, logits, spec_decode_metadata)
         context = settings.context
-        rows = context.rows_of(self.input_batch.req_ids, self.requests)
+        # A scoring request's one sampled token is vLLM's own (it is discarded): only its
+        # prompt logprobs are the hook's (``_wrap_get_prompt_logprobs_dict``).
+        rows = [None if row is not None and row.scores else row
+                for row in context.rows_of(self.input_batch.req_ids, self.requests)]
         context.next_drafts = {}
         if not any(row is not None for row in rows):
             return original(self, logits, spec_decode_metadata)
@@ -469,13 +498,15 @@ def _wrap_sample_tokens(original):
         (``gen.set_offset(gen.get_offset() - 4)``), which undoes one draw on CUDA only (the
         hook's drafter draws more) and raises on CPU ("CPU Generator does not use offset").
         """
-        if settings_of(self.vllm_config) is None:
+        context = context_of(self.vllm_config)
+        if context is None:
             return original(self, grammar_output)
         held = _hold_out_discarded_generators(self)
         try:
             return original(self, grammar_output)
         finally:
             self.input_batch.generators.update(held)
+            context.scoring_capture = None  # hidden states live for one step only
 
     sample_tokens.__kad_original__ = original
     return sample_tokens
@@ -616,7 +647,11 @@ def _wrap_propose_draft_token_ids(original):
         context = context_of(self.vllm_config)
         if context is None:
             return original(self, *args, **kwargs)
-        context.draft_pass = DraftPass(list(self.input_batch.req_ids), context.next_drafts)
+        req_ids = list(self.input_batch.req_ids)
+        context.draft_pass = DraftPass(req_ids, context.next_drafts)
+        scoring = {i: r for i, r in enumerate(req_ids) if r in self.num_prompt_logprobs
+                   and context.rows.get(r) is not None and context.rows[r].scores}
+        context.scoring_capture = HiddenStateCapture(scoring) if scoring else None
         try:
             return original(self, *args, **kwargs)
         finally:
@@ -651,6 +686,132 @@ def _wrap_sample_from_logits(original):
 
     _sample_from_logits.__kad_original__ = original
     return _sample_from_logits
+
+
+def _wrap_load_model(original):
+    def load_model(self, target_model):
+        """The drafter's model, loaded, gets a forward hook that hands the output of each
+        proposal's first forward to the step's ``HiddenStateCapture`` (when one is armed:
+        a step with scoring rows). The drafter runs eagerly or with piecewise CUDA graphs
+        inside the model (``SpecDecodeBaseProposer.initialize_cudagraph_keys``), so the
+        module's own call, and its hooks, run every forward on every device."""
+        original(self, target_model)
+        if settings_of(self.vllm_config) is not None:
+            self.model.register_forward_hook(_capture_hook(self.vllm_config))
+
+    load_model.__kad_original__ = original
+    return load_model
+
+
+def _capture_hook(vllm_config: Any):
+    def capture(module, args, output):
+        context = context_of(vllm_config)
+        capture = None if context is None else context.scoring_capture
+        if capture is not None:
+            capture.take(output[0] if isinstance(output, tuple) else output)
+
+    return capture
+
+
+def _wrap_set_inputs_first_pass(original):
+    def set_inputs_first_pass(self, *args, **kwargs):
+        """The drafter's layout of the proposal's first forward, for the capture: vLLM's
+        ``query_start_loc`` of the drafter batch and the slots appended per request."""
+        result = original(self, *args, **kwargs)
+        context = context_of(self.vllm_config)
+        capture = None if context is None else context.scoring_capture
+        if capture is not None:
+            cad = result[2]
+            capture.set_layout(cad.query_start_loc_cpu.numpy(),
+                               self.net_num_new_slots_per_request)
+        return result
+
+    set_inputs_first_pass.__kad_original__ = original
+    return set_inputs_first_pass
+
+
+def _wrap_get_prompt_logprobs_dict(original):
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        """vLLM's prompt logprobs for every request but the hook's scoring requests, which
+        get log pi (``_prompt_logprobs_under_pi``)."""
+        context = context_of(self.vllm_config)
+        scoring = {} if context is None else {
+            r: n for r, n in self.num_prompt_logprobs.items()
+            if context.rows.get(r) is not None and context.rows[r].scores}
+        if not scoring:
+            return original(self, hidden_states, num_scheduled_tokens)
+        for request_id in scoring:
+            del self.num_prompt_logprobs[request_id]
+        try:
+            result = original(self, hidden_states, num_scheduled_tokens)
+        finally:
+            self.num_prompt_logprobs.update(scoring)
+        result.update(_prompt_logprobs_under_pi(self, hidden_states, num_scheduled_tokens,
+                                                scoring, context))
+        return result
+
+    _get_prompt_logprobs_dict.__kad_original__ = original
+    return _get_prompt_logprobs_dict
+
+
+def _prompt_logprobs_under_pi(runner: Any, hidden_states: torch.Tensor,
+                              num_scheduled_tokens: Mapping[str, int],
+                              scoring: Mapping[str, int], context: Any) -> dict[str, Any]:
+    """Upstream ``GPUModelRunner._get_prompt_logprobs_dict``'s loop for the scoring
+    requests, with log pi in place of log p: the same chunk bookkeeping (a prompt is scored
+    across prefill chunks into one CPU ``LogprobsTensors``, delivered with its last chunk),
+    the target's logits from this step's hidden states and the drafter's from the hidden
+    states its first forward of the proposal left (``HiddenStateCapture``)."""
+    from vllm.v1.outputs import LogprobsTensors
+
+    capture = context.scoring_capture
+    delivered: dict[str, Any] = {}
+    completed = []
+    copied = False
+    for request_id, num_logprobs in scoring.items():
+        num_tokens = num_scheduled_tokens.get(request_id)
+        if num_tokens is None:
+            continue  # preempted in its prefill
+        request = runner.requests[request_id]
+        num_prompt_tokens = len(request.prompt_token_ids)
+        tensors = request.in_progress_prompt_logprobs_cpu
+        if tensors is None:
+            tensors = LogprobsTensors.empty_cpu(num_prompt_tokens - 1, num_logprobs + 1)
+            request.in_progress_prompt_logprobs_cpu = tensors
+        start = request.num_computed_tokens
+        remaining = num_prompt_tokens - (start + 1)
+        num_logits = num_tokens
+        if num_tokens > remaining:
+            num_logits = remaining
+            completed.append(request_id)
+            delivered[request_id] = tensors
+        if num_logits <= 0:
+            continue
+        chunk = slice(start, start + num_logits)
+        draft_hidden = None if capture is None else capture.hidden.get(request_id)
+        if draft_hidden is None or draft_hidden.shape[0] < num_logits:
+            # No drafter forward over this chunk (vLLM skipped the proposal): no value
+            # rather than log p under pi's name; the engine fails the request.
+            logger.error("no drafter hidden states for scoring request %s", request_id)
+            tensors.logprobs[chunk].fill_(float("nan"))
+            continue
+        offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[request_id]])
+        tokens = hook.to_device(request.prompt_token_ids[start + 1:start + 1 + num_logits],
+                                hidden_states.device, torch.long)
+        ids, values, ranks = score_positions(
+            hidden_states[offset:offset + num_logits], draft_hidden[:num_logits],
+            runner.model.compute_logits, runner.drafter.model.compute_logits,
+            context.rows[request_id], tokens, num_logprobs)
+        for target, source in ((tensors.logprob_token_ids, ids), (tensors.logprobs, values),
+                               (tensors.selected_token_ranks, ranks)):
+            target[chunk].copy_(source, non_blocking=True)
+        copied = True
+    for request_id in completed:
+        del runner.num_prompt_logprobs[request_id]
+        runner.requests[request_id].in_progress_prompt_logprobs_cpu = None
+    if copied:
+        runner._sync_device()
+    return delivered
 
 
 class WrongModelRunnerError(RuntimeError):
@@ -690,6 +851,7 @@ _RUNNER_PATCHES = MappingProxyType({
     "_copy_draft_token_ids_to_cpu": _wrap_copy_draft_token_ids_to_cpu,
     "_get_spec_decode_draft_probs": _per_request_draft_probs,
     "_dummy_sampler_run": _wrap_dummy_sampler_run,
+    "_get_prompt_logprobs_dict": _wrap_get_prompt_logprobs_dict,
 })
 _REJECTION_PATCHES = MappingProxyType({
     "rejection_sample": _wrap_rejection_sample,
@@ -697,6 +859,8 @@ _REJECTION_PATCHES = MappingProxyType({
 })
 _PROPOSER_PATCHES = MappingProxyType({
     "_sample_from_logits": _wrap_sample_from_logits,
+    "load_model": _wrap_load_model,
+    "set_inputs_first_pass": _wrap_set_inputs_first_pass,
 })
 
 
