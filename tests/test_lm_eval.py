@@ -130,8 +130,8 @@ def test_lm_eval_loglikelihood_rolling_with_concurrent_windows(tiny_pair, tmp_pa
     """Perplexity of texts several windows long at ``num_concurrent=4``: the harness sends
     each document's windows as scoring requests at the same time (where one document's
     total was once off by 103.6 nats). Each total equals the reference's sum over the
-    harness's own windows: log pi at every scored position, log p at a window's second
-    token (position 1, docs/api.md)."""
+    harness's own windows: log pi at every scored position, a window's second token
+    (position 1) included."""
     from lm_eval import utils
     from lm_eval.api.registry import get_model
     from transformers import AutoTokenizer
@@ -187,8 +187,8 @@ metric_list:
             windows_seen += 1
             ids = context + continuation
             for t in range(len(context), len(ids)):
-                p, _, pi = reference.next_distributions(ids[:t])
-                total += math.log(float((p if t == 1 else pi)[ids[t]]))
+                _, _, pi = reference.next_distributions(ids[:t])
+                total += math.log(float(pi[ids[t]]))
         response = sample["resps"][0]
         value = response[0] if isinstance(response, (list, tuple)) else response
         assert value == pytest.approx(total, abs=2e-3), text[:30]
