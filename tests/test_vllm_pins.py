@@ -212,6 +212,36 @@ def test_the_cpu_runner_is_the_patched_class():
     assert issubclass(CPUModelRunner, GPUModelRunner)
 
 
+def test_on_cuda_the_drafter_model_is_called_at_every_forward(engine_config, monkeypatch):
+    """Prompt scoring keeps the drafter's hidden states through a forward hook on its model
+    (``vllm_patches._wrap_load_model``). On CUDA, vLLM 0.32 replays a drafter forward without
+    calling the module only under breakable CUDA graphs (``GPUModelRunner`` then wraps
+    ``drafter.model``), which kad-serve's engine environment turns off; the drafter's own
+    graphs, whatever the target's mode, are piecewise: inside the module's call."""
+    from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+    from server.engine.vllm_engine import ENGINE_ENV
+
+    for name, value in ENGINE_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert is_breakable_cudagraph_enabled() is False
+    assert not engine_config.speculative_config.enforce_eager  # the GPU configs'
+    modes = []
+    drafter = SimpleNamespace(speculative_config=engine_config.speculative_config,
+                              cudagraph_dispatcher=SimpleNamespace(
+                                  initialize_cudagraph_keys=modes.append))
+    for target_mode in (CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL,
+                        CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
+        SpecDecodeBaseProposer.initialize_cudagraph_keys(drafter, target_mode)
+    assert set(modes) <= {CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE}
+    assert CUDAGraphMode.PIECEWISE in modes
+    # The test has teeth: vLLM's own switch would turn the wrapper on.
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "1")
+    assert is_breakable_cudagraph_enabled() is True
+
+
 def test_engine_scheduling_is_the_tested_one(engine_config):
     """The options vLLM defaults differently on CUDA are set explicitly by kad-serve."""
     assert engine_config.scheduler_config.async_scheduling is False

@@ -61,8 +61,11 @@ class HookNotActiveError(RuntimeError):
 # Environment of the engine's processes (vLLM reads these, and forwards VLLM_* to Ray
 # workers). On CUDA with Triton, vLLM 0.32 would run Model Runner V2 for draft_model
 # (``VllmConfig.use_v2_model_runner``); the hook patches the V1 ``GPUModelRunner``, the
-# runner every CPU test exercises, so kad-serve pins it (tests/test_vllm_pins.py).
-ENGINE_ENV = MappingProxyType({"VLLM_USE_V2_MODEL_RUNNER": "0"})
+# runner every CPU test exercises, so kad-serve pins it (tests/test_vllm_pins.py). vLLM's
+# breakable CUDA graphs (off by default) would wrap the drafter's model and replay its
+# forward without calling it, which prompt scoring's forward hook must see: pinned off.
+ENGINE_ENV = MappingProxyType({"VLLM_USE_V2_MODEL_RUNNER": "0",
+                               "VLLM_USE_BREAKABLE_CUDAGRAPH": "0"})
 
 
 def engine_args(config: ServeConfig, hook: HookSettings | None = None,

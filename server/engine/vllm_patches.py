@@ -151,6 +151,10 @@ PINNED_SOURCES: Mapping[str, str] = MappingProxyType({
     # its first forward (after ``set_inputs_first_pass``) runs over the target's tokens of
     # the step: ``prompt_scoring.HiddenStateCapture`` keeps that forward's output
     "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.propose": "00017c139f27a3e7",
+    # the drafter's CUDA graphs are piecewise (inside the model) or none, so its module
+    # call, and the capture's forward hook, run every forward on CUDA too
+    "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.initialize_cudagraph_keys":
+        "f35176814eb601cf",
     # the drafter's layout: each request's target tokens, then appended slots
     "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.set_inputs_first_pass":
         "00e470090b7c3a35",
