@@ -69,19 +69,16 @@ def test_a_seeded_row_draws_from_its_own_generator_only():
     assert any(draw(s)[0] != first[0] for s in range(2, 12))  # the others do not
 
 
-def test_forced_and_greedy_drafts_follow_their_request_by_id():
-    """Rows are found by request id in the pass's batch order; draft step k forces the
-    k-th token; a greedy row drafts the argmax of q*; q* itself is unchanged."""
+def test_greedy_drafts_follow_their_request_by_id():
+    """Rows are found by request id in the pass's batch order; a greedy row drafts the
+    argmax of q* at every draft step; q* itself is unchanged."""
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(2))
-    plans = {"score": NextDrafts(forced=(5, -1, 9)), "greedy": NextDrafts(greedy=True)}
-    draft_pass = DraftPass(["other", "greedy", "score"], plans)
+    draft_pass = DraftPass(["other", "greedy", "third"], {"greedy": NextDrafts(greedy=True)})
     metadata = _metadata([1.0] * 3)
     steps = [draft_pass.sample(logits.clone(), metadata) for _ in range(4)]
-    assert int(steps[0][0][2]) == 5
-    assert int(steps[2][0][2]) == 9
     assert all(int(tokens[1]) == int(logits[1].argmax()) for tokens, _ in steps)
+    assert any(int(tokens[0]) != int(logits[0].argmax()) for tokens, _ in steps)
     torch.testing.assert_close(steps[0][1], torch.softmax(logits, -1))
-    assert draft_pass.draft_step == 4
 
 
 def test_a_context_is_per_process_and_shared_within_one():

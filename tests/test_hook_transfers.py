@@ -21,8 +21,8 @@ MIXED_BATCH = [
     {"id": "bet-greedy", "rule": "confidence_bet", "param": 0.2, "greedy": True},
     {"id": "aligned", "rule": "aligned", "param": None},
     {"id": "primal", "rule": "kad_primal", "param": 0.9, "logprobs": 0},
-    {"id": "score", "rule": "kad_dual", "param": 0.4, "greedy": True, "logprobs": 1,
-     "forced": list(range(20, 20 + 40))},
+    {"id": "greedy-logprobs", "rule": "kad_dual", "param": 0.4, "greedy": True,
+     "logprobs": 1},
     {"id": "base", "rule": "base", "param": None},
 ]
 # kad_primal's tiered threshold search reads how many rows its top-k tiers left unresolved
@@ -87,7 +87,7 @@ def counter(monkeypatch):
 
 
 def test_one_step_of_a_mixed_batch_reads_the_device_once(counter):
-    """Several rules, greedy rows, logprobs and a scored prompt in one verification step."""
+    """Several rules, greedy rows and logprobs in one verification step."""
     real_step(MIXED_BATCH)
     reads = sorted(read for read in counter.reads if not read.startswith(PRIMAL_READS))
     assert len(reads) <= 1, reads
@@ -100,13 +100,12 @@ def test_a_draft_step_reads_nothing_and_uploads_once_per_proposal(counter):
 
     from server.engine.hook_context import DraftPass, NextDrafts
 
-    plans = {"score": NextDrafts(greedy=True, forced=tuple(range(GAMMA))),
-             "greedy": NextDrafts(greedy=True)}
-    draft_pass = DraftPass(["other", "greedy", "score"], plans)
+    plans = {"greedy": NextDrafts(greedy=True), "third": NextDrafts(greedy=True)}
+    draft_pass = DraftPass(["other", "greedy", "third"], plans)
     metadata = SimpleNamespace(temperature=torch.ones(3), generators={}, all_greedy=False,
                                all_random=True)
     for _ in range(GAMMA):
         draft_pass.sample(torch.randn(3, 50), metadata)
     assert counter.reads == set()
     assert counter.raw_uploads == []
-    assert counter.uploads == 2  # the forced table and the greedy mask, once each
+    assert counter.uploads == 1  # the greedy mask, once per proposal

@@ -3,7 +3,6 @@ Every stage runs on a hand-made ``StepPlan`` and hand-made tensors."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from kad_kernels import mix, mixture_stats
@@ -53,7 +52,7 @@ def test_the_plan_lays_out_rows_positions_and_what_the_hook_samples():
     (as ``SpecDecodeMetadata.bonus_logits_indices``), real drafts net of padding, the
     withheld rows, and which rows the hook samples itself (from pi or from p)."""
     rows = [_row("kad_dual", 0.4), _row("base", logprobs=2), None,
-            _row("aligned", first_token=9), _row("kad_dual", 0.4, forced=(3, 4)),
+            _row("aligned", first_token=9), _row("kad_dual", 0.4),
             _row("kad_dual", 0.4), _row("aligned", logprobs=0)]
     plan = StepPlan.build(rows, num_draft_tokens=[3, 2, 0, 0, 2, 0, 1],
                           padded_rows=frozenset({4}), output_lens=[4, 7, 2, 0, 1, -3, 2],
@@ -67,14 +66,14 @@ def test_the_plan_lays_out_rows_positions_and_what_the_hook_samples():
     assert plan.withheld == (False, False, False, True, False, False, False)
     # Row 2 is not kad's, 3 emits its withheld token, 5 is a partial prefill chunk.
     assert plan.sampled_here == (4,) and plan.plain == (4,)
-    assert plan.wants_logprobs and plan.scores
+    assert plan.wants_logprobs
     assert plan.owners().tolist() == [0, 0, 0, 1, 1, 4, 4, 6]
     assert plan.offsets().tolist() == [0, 3, 5, 5, 5, 7, 7, 8]
     assert plan.req_ids[4] == "e"
     quiet = StepPlan.build([_row("base"), None])
     assert not quiet.verifies and quiet.bonus_rows is None and quiet.first_rows == (0, 1)
     assert quiet.plain == () and quiet.sampled_here == (0,)
-    assert not quiet.wants_logprobs and not quiet.scores
+    assert not quiet.wants_logprobs
 
 
 def test_target_logits_become_pi_per_row_and_rule():
@@ -161,19 +160,6 @@ def test_finalize_greedy_plain_rows_take_the_argmax():
     sampled = torch.tensor([[1], [1]], dtype=torch.int32)
     finalize_step(sampled, logits, _plan(rows))
     assert sampled[:, 0].tolist() == [9, 2]
-
-
-def test_finalize_forces_a_scored_prompt_while_its_drafts_match():
-    """A scored prompt's outputs are its own tokens: forced while the drafts match the
-    prompt, up to and including the first slot that does not; the rest and the bonus
-    slot dropped."""
-    rows = [_row("kad_dual", 0.4, forced=(10, 11, 12, 13, 14))]
-    plan = StepPlan.build(rows, num_draft_tokens=[3], output_lens=[1])
-    sampled = _sampled([[10, 11, 5, 8]], 4)  # vLLM rejected the third draft
-    done = finalize_step(sampled, torch.zeros(4, VOCAB), plan, _mixed([0.1, 0.2, 0.3]),
-                         scored_drafts=torch.tensor([10, 11, 7]))
-    assert sampled[0].tolist() == [10, 11, 12, PLACEHOLDER]
-    assert done.emitted.tolist() == [3]
 
 
 def test_placeholder_rows_keep_p_and_are_flagged_while_other_rows_mix():
@@ -345,13 +331,10 @@ def test_the_logprobs_stage_reports_pi_where_q_star_exists_and_p_elsewhere():
 
 
 def test_next_drafts_follow_the_plan_by_request_id():
-    """The next proposal's drafts, keyed by vLLM request id: greedy rows draft the argmax,
-    a scored prompt its tokens after what it emitted this step (-1 where free)."""
+    """The next proposal's drafts, keyed by vLLM request id: greedy rows draft the argmax."""
     from server.engine.hook_context import NextDrafts, next_drafts
 
-    rows = [_row("kad_dual", 0.4, greedy=True), _row("kad_dual", 0.4),
-            _row("kad_dual", 0.4, forced=(10, 11, 12, 13)), None]
-    plan = StepPlan.build(rows, output_lens=[3, 3, 1, 0], req_ids=["g", "s", "f", "x"])
-    plans = next_drafts(plan, np.array([1, 1, 2, 0]), gamma=3)
-    # row "f": output 1 + 2 emitted -> outputs 3, 4, 5 are forced[2], forced[3], free.
-    assert plans == {"g": NextDrafts(greedy=True), "f": NextDrafts(forced=(12, 13, -1))}
+    rows = [_row("kad_dual", 0.4, greedy=True), _row("kad_dual", 0.4), None,
+            _row("base", greedy=True)]
+    plan = StepPlan.build(rows, output_lens=[3, 3, 1, 0], req_ids=["g", "s", "x", "b"])
+    assert next_drafts(plan) == {"g": NextDrafts(greedy=True), "b": NextDrafts(greedy=True)}

@@ -12,8 +12,8 @@ vLLM's own batch order (``input_batch.req_ids``), never by call counts or shape 
 ContextVar scoped to one ``_sample`` call, ``vllm_patches._STEP_IN_PROGRESS``):
 
 * ``rows``: each request's settings (``RowAlignment``), parsed once per request;
-* ``next_drafts``: per request id, what the next proposal must do for it (greedy draft,
-  forced prompt tokens), computed once ``_sample`` knows what each request emitted;
+* ``next_drafts``: per request id, what the next proposal must do for it (greedy draft),
+  computed by ``_sample``;
 * ``draft_pass``: the proposal in progress (``DraftPass``), set around the runner's
   ``propose_draft_token_ids`` with the batch's rows in ``input_batch.req_ids`` order;
 * ``draft_probs``: each request's q* until its drafts are verified (``DraftProbStore``).
@@ -26,14 +26,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from server.engine.draft_probs import DraftProbStore
 from server.engine.prompt_scoring import HiddenStateCapture
 from server.engine.stats_channel import StatsSender
 from server.engine.step_plan import RowAlignment, StepPlan
-from server.engine.verification_hook import forced_token, to_device
+from server.engine.verification_hook import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -43,48 +42,26 @@ _SAMPLING_EPS = 1e-5  # vLLM's ``_SAMPLING_EPS``: a temperature below it is gree
 @dataclass(frozen=True)
 class NextDrafts:
     """What the next proposal drafts for one request: the argmax of q* (greedy-over-pi
-    rows, whose target is one-hot) and/or the prompt's tokens (a scored prompt, -1 free)."""
+    rows, whose target is one-hot)."""
 
     greedy: bool = False
-    forced: tuple[int, ...] = ()
 
 
-def next_drafts(plan: StepPlan, emitted: np.ndarray, gamma: int) -> dict[str, NextDrafts]:
+def next_drafts(plan: StepPlan) -> dict[str, NextDrafts]:
     """Per vLLM request id, what the proposal that follows this step drafts for it: the
-    argmax of q* for greedy-over-pi rows; for a scored prompt, its tokens at the output
-    positions after what the row emitted this step (``emitted``, from ``finalize_step``)."""
-    plans = {}
-    for i, row in enumerate(plan.rows):
-        if row is None:
-            continue
-        forced: tuple[int, ...] = ()
-        if row.forced:
-            start = int(plan.output_lens[i] + emitted[i])
-            tokens = [forced_token(row, start + j) for j in range(gamma)]
-            if any(t is not None for t in tokens):
-                forced = tuple(-1 if t is None else t for t in tokens)
-        if row.greedy or forced:
-            plans[plan.req_ids[i]] = NextDrafts(greedy=row.greedy, forced=forced)
-    return plans
+    argmax of q* for greedy-over-pi rows."""
+    return {plan.req_ids[i]: NextDrafts(greedy=True) for i, row in enumerate(plan.rows)
+            if row is not None and row.greedy}
 
 
 class DraftPass:
-    """One proposal's draft steps over a batch whose rows are ``req_ids`` (vLLM's order).
-
-    Draft step ``k`` of the proposal (the k-th time the drafter samples) forces
-    ``forced[k]`` where a request has one. The step index belongs to this pass, created
-    per proposal, not to anything shared with the sampler.
-    """
+    """One proposal's draft steps over a batch whose rows are ``req_ids`` (vLLM's order),
+    created per proposal, not shared with the sampler."""
 
     def __init__(self, req_ids: Sequence[str], plans: Mapping[str, NextDrafts]) -> None:
         self.num_rows = len(req_ids)
         self.greedy_rows = [i for i, r in enumerate(req_ids) if plans.get(r, NextDrafts()).greedy]
-        width = max((len(p.forced) for p in plans.values()), default=0)
-        self._forced = [[(plans[r].forced[k] if r in plans and k < len(plans[r].forced)
-                          else -1) for r in req_ids] for k in range(width)]
-        self._forced_tensors: dict[torch.device, list[torch.Tensor]] = {}
         self._greedy_masks: dict[torch.device, torch.Tensor] = {}
-        self.draft_step = 0
 
     def greedy_mask(self, device: torch.device) -> torch.Tensor:
         """``[num_rows]`` bool, the greedy-over-pi rows (one copy per proposal)."""
@@ -93,16 +70,6 @@ class DraftPass:
             mask[self.greedy_rows] = True
             self._greedy_masks[device] = to_device(mask, device)
         return self._greedy_masks[device]
-
-    def forced_column(self, device: torch.device) -> torch.Tensor | None:
-        """The forced tokens of the current draft step (-1: free), or None."""
-        if self.draft_step >= len(self._forced):
-            return None
-        if device not in self._forced_tensors:
-            # One host-to-device copy per proposal, not per draft step.
-            table = to_device(self._forced, device, torch.long)
-            self._forced_tensors[device] = list(table.unbind(0))
-        return self._forced_tensors[device][self.draft_step]
 
     def sample(self, logits: torch.Tensor, sampling_metadata: Any,
                use_fp64_gumbel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +80,6 @@ class DraftPass:
         drafter's logits divided by T in bf16 shift q* by up to 0.1 nat, which logprobs
         under pi would then report); a seeded row draws its noise from its own generator
         (upstream: "TODO: Consider seeds"); greedy-over-pi rows draft the argmax of q*.
-        Forced prompt tokens replace the draws of scoring rows (q* is unchanged: it is the
-        draft's distribution at that position given the prompt before it).
         """
         from vllm.v1.spec_decode.llm_base_proposer import (
             empty_exponential_noise_like,
@@ -135,15 +100,7 @@ class DraftPass:
         if not sampling_metadata.all_random or self.greedy_rows:
             greedy = is_greedy | self.greedy_mask(is_greedy.device)
             tokens = torch.where(greedy, probs.argmax(dim=-1), tokens)
-        return self.apply_forced(tokens), probs
-
-    def apply_forced(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` with this draft step's forced tokens in place; advances the step."""
-        column = self.forced_column(tokens.device)
-        self.draft_step += 1
-        if column is None:
-            return tokens
-        return torch.where(column >= 0, column.to(tokens.dtype), tokens)
+        return tokens, probs
 
 
 @dataclass(eq=False)

@@ -30,9 +30,6 @@ class RowAlignment:
     greedy: bool = False  # temperature 0 requested: follow argmax(pi), sent as temperature 1
     first_token: int | None = None  # the withheld last prompt token, forced as output 0
     logprobs: int | None = None  # top alternatives asked for (0: the token's own only)
-    # Prompt scoring: output tokens 1, 2, ... are forced to be these (the prompt's tokens
-    # after the two vLLM was given as prompt and withheld token), see ``force_tokens``.
-    forced: tuple[int, ...] = ()
     # Prompt scoring from prefill: vLLM computes this request's prompt logprobs, the hook
     # replaces them by log pi (``prompt_scoring``); its one sampled token is vLLM's own.
     scores: bool = False
@@ -49,7 +46,6 @@ class RowAlignment:
             greedy=bool(settings.get("greedy", False)),
             first_token=settings.get("first_token"),
             logprobs=settings.get("logprobs"),
-            forced=tuple(settings.get("forced") or ()),
             scores=bool(settings.get("scores", False)),
         )
 
@@ -60,7 +56,7 @@ class RowAlignment:
 
     @property
     def wants_logprobs_under_pi(self) -> bool:
-        return (self.mixes or bool(self.forced)) and self.logprobs is not None
+        return self.mixes and self.logprobs is not None
 
 
 def draft_offsets(num_draft_tokens: Sequence[int]) -> np.ndarray:
@@ -89,8 +85,7 @@ class StepPlan:
     * ``sampled_here``: rows the hook itself samples at their one position (no real
       drafts, emitting, not withheld); ``plain``: those of them that mix (from pi with the
       q* of their last proposal), the rest from p (padded rows without q*);
-    * ``wants_logprobs``/``scores``: whether any row asked for logprobs under pi / is a
-      scored prompt.
+    * ``wants_logprobs``: whether any row asked for logprobs under pi.
     """
 
     req_ids: tuple[str, ...]
@@ -106,7 +101,6 @@ class StepPlan:
     sampled_here: tuple[int, ...]
     plain: tuple[int, ...]
     wants_logprobs: bool
-    scores: bool
 
     @classmethod
     def build(cls, rows: Sequence[RowAlignment | None], *,
@@ -144,7 +138,6 @@ class StepPlan:
             plain=tuple(i for i in sampled_here if rows[i].mixes),
             wants_logprobs=any(row is not None and row.wants_logprobs_under_pi
                                for row in rows),
-            scores=any(row is not None and bool(row.forced) for row in rows),
         )
 
     @property

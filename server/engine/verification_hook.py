@@ -301,47 +301,6 @@ def write_first_slots(sampled: torch.Tensor, batch_rows: Sequence[int],
             sampled.device, sampled.dtype)
 
 
-def forced_token(row: RowAlignment, output_index: int) -> int | None:
-    """The token output ``output_index`` must be for a scoring row (None: free)."""
-    k = output_index - 1  # output 0 is the withheld prompt token
-    return row.forced[k] if 0 <= k < len(row.forced) else None
-
-
-def force_tokens(sampled: np.ndarray, rows: Sequence[RowAlignment | None],
-                 num_draft_tokens: Sequence[int], draft_tokens: np.ndarray,
-                 output_lens: Sequence[int]) -> list[int]:
-    """Scoring rows: their outputs are the prompt's own tokens, not samples.
-
-    ``sampled`` ``[num_reqs, width]`` (host copy, changed in place), ``draft_tokens`` the
-    step's drafts (request-major), ``output_lens[i]`` the tokens row i output before this
-    step. Each forced slot keeps the verification's position (so logprobs there are log pi
-    of the prompt token given the prompt before it): slots are forced while the drafts
-    match the prompt (the proposer drafts the prompt: ``HookContext.next_drafts``), up to and
-    including the first slot that does not; everything after is dropped, the bonus slot
-    too (it has no q*). Returns the rows changed.
-    """
-    changed = []
-    offsets = draft_offsets(num_draft_tokens)
-    for i, row in enumerate(rows):
-        if row is None or not row.forced:
-            continue
-        n = num_draft_tokens[i] if i < len(num_draft_tokens) else 0
-        kept = 0
-        # Draft slots only (the bonus slot has no q*); a zero-draft row's one slot.
-        for j in range(max(n, 1)):
-            token = forced_token(row, int(output_lens[i]) + j)
-            if token is None:
-                break
-            sampled[i, j] = token
-            kept = j + 1
-            if n and draft_tokens[offsets[i] + j] != token:
-                break
-        if kept:
-            sampled[i, kept:] = PLACEHOLDER
-            changed.append(i)
-    return changed
-
-
 def unscaled_log_pi(
     target_logits: torch.Tensor,
     q_star: torch.Tensor,
@@ -390,20 +349,18 @@ def finalize_step(
     plan: StepPlan,
     mixed: Mixed | None = None,
     plain: PlainSamples | None = None,
-    scored_drafts: torch.Tensor | None = None,
 ) -> Finalized:
     """Correct vLLM's sampled tokens (in place) and return the step's per-request stats.
 
     ``sampled`` is ``[num_reqs, 1 + max_spec_len]`` (placeholder -1 for no token);
     ``logits`` the target logits the step sampled from (rows as in ``plan.first_rows``);
     ``mixed`` what verification found (None: nothing verified), ``plain`` the rows the hook
-    sampled from pi, ``scored_drafts`` the step's drafts (device, request-major) when the
-    plan has scored prompts.
+    sampled from pi.
 
-    One device-to-host read brings the sampled tokens, the greedy rows' argmax, the drafts
-    of scored prompts, alpha and degraded flags together; every correction (withheld token,
-    padded rows, greedy rows, forced prompt tokens, dropped bonus tokens) is made on that
-    host copy and written back with one non-blocking copy.
+    One device-to-host read brings the sampled tokens, the greedy rows' argmax, alpha and
+    degraded flags together; every correction (withheld token, padded rows, greedy rows,
+    dropped bonus tokens) is made on that host copy and written back with one non-blocking
+    copy.
     """
     num_reqs = plan.num_reqs
     drafts = plan.drafts
@@ -424,13 +381,11 @@ def finalize_step(
         logits.index_select(0, to_device([plan.first_rows[i] for i in greedy],
                                          logits.device, torch.long)).argmax(-1)
         if greedy else torch.zeros(0, device=device),
-        scored_drafts.reshape(-1) if scored_drafts is not None
-        else torch.zeros(0, device=device),
     ]
     sizes = [part.numel() for part in parts]
     packed = torch.cat([part.to(device, torch.float64) for part in parts]).cpu().numpy()
     # ^ the step's one device-to-host read (vLLM syncs on the tokens anyway)
-    tokens_np, alpha_np, degraded_np, plain_np, greedy_np, drafts_np = np.split(
+    tokens_np, alpha_np, degraded_np, plain_np, greedy_np = np.split(
         packed, np.cumsum(sizes)[:-1])
     width = sampled.shape[1]
     tokens = tokens_np.astype(np.int64).reshape(num_reqs, width)
@@ -444,9 +399,6 @@ def finalize_step(
         elif i in plan.padded_rows:
             tokens[i, 1:] = PLACEHOLDER
     tokens[greedy, 0] = greedy_np.astype(np.int64)
-    if plan.scores:
-        force_tokens(tokens, plan.rows, plan.layout, drafts_np.astype(np.int64),
-                     plan.output_lens)
     valid_before = (tokens != PLACEHOLDER).sum(axis=-1)
     offsets = plan.offsets()
     results: list[RowStepStats] = []
@@ -495,9 +447,9 @@ class LogprobSources:
     vLLM's ``LogprobsTensors`` (``row * width + j``); logits rows index the step's target
     logits. ``pi_*``: slots verified or sampled against pi with a q* (``q_star`` row by
     row, ``pi_owners`` their batch rows); ``p_*``: every other slot of a row that asked
-    for logprobs under pi whose token may differ from vLLM's own (rule ``base``, the
-    withheld first token, forced prompt tokens, drafts verified without q*): log p of the
-    final token (counted inexact where pi was meant)."""
+    for logprobs under pi whose token may differ from vLLM's own (the withheld first
+    token, drafts verified without q*): log p of the final token (counted inexact where pi
+    was meant)."""
 
     pi_slots: tuple[int, ...]
     pi_logit_rows: tuple[int, ...]

