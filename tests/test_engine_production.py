@@ -8,6 +8,7 @@ Oracle: the reference decoder's ``pi`` on the same tiny pair, where top-k/top-p 
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 
@@ -157,6 +158,56 @@ def test_a_seed_reproduces_under_chunked_prefill_alone_crowded_and_unchunked(
     assert len(alone.token_ids) == 48 and alone.stats.inexact == 0
     assert crowd[3].token_ids == alone.token_ids
     assert whole.token_ids == alone.token_ids
+
+
+SCORED_TEXT = ("Question: Tom has three apples and buys two more. How many apples does he "
+               "have now?\nAnswer: five apples. The end. ")
+
+
+def test_scoring_across_prefill_chunks_with_generations_and_a_cached_prefix_is_pi(
+        chunked_engine, production_engine, reference_factory):
+    """A 200-token prompt scored under a 64-token budget (its prefill takes four chunks;
+    each chunk's positions come from that step's forwards of both models): alone; at
+    temperatures 0, 0.7 with top-k/top-p and 1 at once, beside three generations in the
+    same steps; on the engine that prefills whole prompts after a generation cached the
+    prompt's prefix (vLLM reads no prefix cache for a request with prompt logprobs, so the
+    cached part is scored too). Every position from 1 is the reference's log pi (1e-4),
+    in every case."""
+    tokenizer = chunked_engine.engine.tokenizer
+    prompt = tokenizer.encode(SCORED_TEXT * 8)[:200]
+    assert len(prompt) == 200
+    rule = "confidence_bet"
+    alignment = AlignmentSettings.paper_default(rule)
+    scoring = [SamplingOptions(max_tokens=0, logprobs=2, prompt_logprobs=True, **sampling)
+               for sampling in ({"temperature": 0.0}, SAMPLING, {"temperature": 1.0})]
+    alone = chunked_engine.complete_many([prompt], scoring[:1], [alignment], timeout=600)[0]
+    others = [tokenizer.encode(f" other {i}: " * (10 + 7 * i)) for i in range(3)]
+    together = chunked_engine.complete_many(
+        [prompt, others[0], prompt, others[1], prompt, others[2]],
+        [scoring[0], SamplingOptions(max_tokens=30, ignore_eos=True, **SAMPLING),
+         scoring[1], SamplingOptions(max_tokens=30, ignore_eos=True, seed=3, **SAMPLING),
+         scoring[2], SamplingOptions(max_tokens=30, ignore_eos=True, temperature=0.0)],
+        [alignment, AlignmentSettings.paper_default("kad_dual")] * 3, timeout=900)
+    vllm_config = production_engine.engine._preflight.vllm_config
+    assert vllm_config.cache_config.enable_prefix_caching
+    production_engine.complete_many([prompt], [SamplingOptions(max_tokens=4)], [alignment],
+                                    timeout=300)
+    cached = production_engine.complete_many([prompt], scoring[1:2], [alignment],
+                                             timeout=600)[0]
+    reference = reference_factory(rule, alignment.param, temperature=1.0)
+    expected = []
+    for t in range(1, len(prompt)):
+        _, _, pi = reference.next_distributions(prompt[:t])
+        expected.append(math.log(float(pi[prompt[t]])))
+    for name, result in [("alone", alone), ("cached", cached),
+                         *((f"together-{k}", together[2 * k]) for k in range(3))]:
+        scores = result.prompt_logprobs
+        assert [entry.token_id for entry in scores] == prompt, name
+        assert scores[0].logprob is None and result.token_ids == []
+        worst = max(abs(entry.logprob - want) for entry, want in zip(scores[1:], expected))
+        assert worst < 1e-4, (name, worst)
+    for generation in together[1::2]:
+        assert len(generation.token_ids) == 30 and generation.stats.inexact == 0
 
 
 def test_repetition_penalty_applies_to_p_before_mixing(production_engine, reference_factory):
