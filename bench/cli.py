@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "bench.serve_bench",
     "hook": "bench.hook",
     "soak": "bench.soak",
+    "score": "bench.score",
     "dashboard": "bench.dashboard",
 }
 

@@ -138,6 +138,36 @@ class ReferenceDecoder:
         p, q_star = self._distributions(target_logits, draft_logits)
         return p.cpu(), q_star.cpu(), mix(p, q_star, self.rule, self.param).cpu()
 
+    @torch.inference_mode()
+    def score_prompts(self, prompts: list[list[int]], batch_size: int = 8,
+                      positions_per_chunk: int = 256) -> list[list[float]]:
+        """log pi of each prompt token from position 1, at temperature 1 (the unscaled
+        distributions logprobs report): the two-model ``transformers`` loop a researcher
+        writes, one full forward of each model per batch of right-padded prompts, the
+        mixture taken ``positions_per_chunk`` positions at a time."""
+        device = next(self.target.model.parameters()).device
+        scores: list[list[float]] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            width = max(len(ids) for ids in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+            mask = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+            for row, prompt in enumerate(batch):
+                ids[row, :len(prompt)] = torch.tensor(prompt, device=device)
+                mask[row, :len(prompt)] = 1
+            target = self.target.model(input_ids=ids, attention_mask=mask).logits
+            draft = self.draft.model(input_ids=ids, attention_mask=mask).logits
+            for row, prompt in enumerate(batch):
+                values: list[float] = []
+                for lo in range(0, len(prompt) - 1, positions_per_chunk):
+                    hi = min(len(prompt) - 1, lo + positions_per_chunk)
+                    pi = mix(target[row, lo:hi].float().softmax(-1),
+                             draft[row, lo:hi].float().softmax(-1), self.rule, self.param)
+                    following = torch.tensor(prompt[lo + 1:hi + 1], device=device)
+                    values += pi.gather(-1, following.unsqueeze(-1)).log().squeeze(-1).tolist()
+                scores.append(values)
+        return scores
+
     def _no_penalty(self, what: str) -> None:
         if self.repetition_penalty != 1.0:
             raise ValueError(f"{what} does not apply a repetition penalty; "

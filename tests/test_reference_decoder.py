@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -71,6 +72,21 @@ def test_next_distributions_are_the_mixture(reference_factory, prompt_ids):
     for rule, reference in (("base", p_ref), ("aligned", q_ref)):
         pi = reference_factory(rule).next_distributions(prompt_ids)[2]
         torch.testing.assert_close(pi.double(), reference, atol=1e-6, rtol=1e-4)
+
+
+def test_batched_prompt_scoring_equals_next_distributions_at_every_position(
+        reference_factory, prompt_ids):
+    """The benchmarks' two-model ``transformers`` scoring loop (right-padded batches, the
+    mixture in position chunks) gives log pi of each prompt token, as one
+    ``next_distributions`` call per position does."""
+    reference = reference_factory("confidence_bet", 0.2, temperature=1.0)
+    prompts = [prompt_ids, prompt_ids[:5], prompt_ids[3:] + prompt_ids]
+    scores = reference.score_prompts(prompts, batch_size=2, positions_per_chunk=4)
+    assert [len(s) for s in scores] == [len(p) - 1 for p in prompts]
+    for prompt, values in zip(prompts, scores):
+        for t in range(1, len(prompt)):
+            pi = reference.next_distributions(prompt[:t])[2]
+            assert abs(values[t - 1] - math.log(float(pi[prompt[t]]))) < 1e-4, t
 
 
 @pytest.mark.parametrize(("rule", "param"), [("kad_dual", 0.4), ("kad_primal", 0.9)])
