@@ -193,3 +193,23 @@ metric_list:
         value = response[0] if isinstance(response, (list, tuple)) else response
         assert value == pytest.approx(total, abs=2e-3), text[:30]
     assert windows_seen >= 8  # several windows per document, scored concurrently
+
+
+def test_the_readme_recipe_sends_kad_through_the_harness_gen_kwargs():
+    """``lm_eval run ... --gen_kwargs 'kad={"rule": "kad_dual", "lam": 0.4},max_gen_toks=64'``
+    (README): the harness's CLI parses the nested object, its ``local-completions`` model
+    puts it into the generation request, and the server's request model reads it."""
+    from types import SimpleNamespace
+
+    from lm_eval._cli.utils import key_val_to_dict
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from server.protocol import CompletionRequest
+
+    gen_kwargs = key_val_to_dict('kad={"rule": "kad_dual", "lam": 0.4},max_gen_toks=64')
+    payload = LocalCompletionsAPI._create_payload(
+        SimpleNamespace(model="kad-tiny", _max_gen_toks=256), [[1, 2, 3]], generate=True,
+        gen_kwargs=dict(gen_kwargs))
+    request = CompletionRequest.model_validate(payload)
+    assert request.kad is not None and request.kad.rule == "kad_dual"
+    assert request.kad.param == 0.4 and request.max_tokens == 64
