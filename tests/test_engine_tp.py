@@ -79,3 +79,29 @@ def test_tensor_parallel_2_first_token_is_pi_and_stats_arrive_once(tp2_engine, t
     assert pooled_chi_square_pvalue(firsts, pi, n) > 1e-3, tv(firsts, pi, n)
     if 0.5 * float((pi - p).abs().sum()) > 0.15:
         assert pooled_chi_square_pvalue(firsts, p, n) < 1e-6
+
+
+def test_tensor_parallel_2_scores_every_prompt_position_under_pi(tp2_engine, tp2_pair):
+    """Prompt scoring on two ranks: each rank keeps its drafter's hidden states and both
+    models' logits are gathered across the ranks (vLLM's ``compute_logits``), so every
+    position from 1 is log pi."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from kad_kernels.reference import ReferenceDecoder
+
+    alignment = AlignmentSettings.paper_default("kad_primal")
+    target = AutoModelForCausalLM.from_pretrained(tp2_pair.target)
+    draft = AutoModelForCausalLM.from_pretrained(tp2_pair.draft)
+    reference = ReferenceDecoder(target, draft, "kad_primal", alignment.param,
+                                 eos_token_id=target.config.eos_token_id)
+    prompt = tp2_engine.engine.tokenizer.encode(PROMPT_TEXT * 6)
+    result = tp2_engine.complete_many(
+        [prompt], [SamplingOptions(max_tokens=0, logprobs=1, prompt_logprobs=True)],
+        [alignment], timeout=600)[0]
+    scores = result.prompt_logprobs
+    assert [entry.token_id for entry in scores] == prompt and scores[0].logprob is None
+    for t in range(1, len(prompt)):
+        pi = reference.next_distributions(prompt[:t])[2]
+        assert abs(scores[t].logprob - math.log(float(pi[prompt[t]]))) < 1e-4, t
