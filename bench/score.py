@@ -39,6 +39,8 @@ SYSTEMS = ("kad", "vllm-target", "reference")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="models/tiny",
                         help="directory with target/ and draft/ (built if it is the tiny pair)")
+    parser.add_argument("--target", help="target model dir (default MODELS/target)")
+    parser.add_argument("--draft", help="draft model dir (default MODELS/draft)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--label", default="kad", help="the name of the kad system's rows")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -211,11 +213,12 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     root = Path(args.models)
-    if root.name.startswith("tiny"):
+    if args.target is None and args.draft is None and root.name.startswith("tiny"):
         from kad_kernels.tiny_models import build_tiny_pair
 
         build_tiny_pair(root)
-    target, draft = str(root / "target"), str(root / "draft")
+    target = args.target or str(root / "target")
+    draft = args.draft or str(root / "draft")
     tokenizer = AutoTokenizer.from_pretrained(draft)
     workloads = {(batch, length): prompts_for(tokenizer, batch, length)
                  for batch in args.batches for length in args.lengths}
