@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.model_dirs import model_dirs
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
 from server.engine.interface import RequestStats, SamplingOptions
@@ -216,13 +217,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.background import BackgroundEngine
     from server.engine import build_engine
 
-    root = Path(args.models)
-    if args.target is None and args.draft is None and root.name.startswith("tiny"):
-        from kad_kernels.tiny_models import build_tiny_pair
-
-        build_tiny_pair(root)
-    target = args.target or str(root / "target")
-    draft = args.draft or str(root / "draft")
+    target, draft = model_dirs(args.models, args.target, args.draft)
     tokenizer = AutoTokenizer.from_pretrained(draft)
     parsed = [(system, *_parse_system(system)) for system in args.systems]
     records: list[dict[str, Any]] = []

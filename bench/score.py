@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.model_dirs import model_dirs
 from server.alignment import AlignmentSettings
 from server.config import ServeConfig
 from server.engine.interface import SamplingOptions
@@ -212,13 +213,7 @@ def table(records: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    root = Path(args.models)
-    if args.target is None and args.draft is None and root.name.startswith("tiny"):
-        from kad_kernels.tiny_models import build_tiny_pair
-
-        build_tiny_pair(root)
-    target = args.target or str(root / "target")
-    draft = args.draft or str(root / "draft")
+    target, draft = model_dirs(args.models, args.target, args.draft)
     tokenizer = AutoTokenizer.from_pretrained(draft)
     workloads = {(batch, length): prompts_for(tokenizer, batch, length)
                  for batch in args.batches for length in args.lengths}
