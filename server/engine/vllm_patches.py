@@ -649,7 +649,9 @@ def _torch_expand_batch_to_tokens(original):
 def _wrap_propose_draft_token_ids(original):
     def propose_draft_token_ids(self, *args, **kwargs):
         """The proposal after ``_sample``: its rows are ``input_batch.req_ids``, and what
-        each request must draft comes from ``HookContext.next_drafts`` by request id."""
+        each request must draft comes from ``HookContext.next_drafts`` by request id. A
+        step with scoring rows still prefilling arms a ``HiddenStateCapture`` for them,
+        read by the step's bookkeeping (``_wrap_get_prompt_logprobs_dict``)."""
         context = context_of(self.vllm_config)
         if context is None:
             return original(self, *args, **kwargs)
