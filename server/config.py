@@ -66,11 +66,13 @@ class ServerSettings(_Strict):
     # header_timeout_s after the connection opened (or the previous response ended) gets 408
     # (or a silent close when nothing of it arrived); an idle keep-alive connection is
     # closed after keep_alive_timeout_s; beyond max_connections open connections a new one
-    # gets 503 and is closed.
+    # gets 503 and is closed. Idle connections must outlive the clients' own idle expiry
+    # (httpx, so the openai client: 5 s), else a client reuses a connection the server is
+    # closing and its request fails with a broken pipe: both bounds default to 10 s.
     max_header_bytes: int = Field(32 * 2**10, ge=1024, description="request head bound")
     max_header_count: int = Field(100, ge=8, description="headers per request")
     header_timeout_s: float = Field(10.0, gt=0, description="time to receive a request head")
-    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive time")
+    keep_alive_timeout_s: float = Field(10.0, gt=0, description="idle keep-alive time")
     max_connections: int = Field(1024, ge=1, description="open connections")
     # /tokenize and /detokenize (server.tokenizer_endpoints): a /tokenize prompt (or the
     # content of its messages) longer than max_tokenize_chars characters gets 400 before it

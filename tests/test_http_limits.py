@@ -159,6 +159,31 @@ def test_an_idle_keep_alive_connection_is_closed(limited):
     assert 0.9 < waited < 2.5
 
 
+def test_idle_connections_outlive_the_openai_clients_own_idle_expiry(tokenizer):
+    """At the default settings a connection idle for longer than httpx keeps an idle
+    connection for reuse (5 s, the ``openai`` client's transport) still serves the next
+    request: the server never closes a connection such a client may still reuse, which
+    fails that request with a broken pipe (``bench/soak`` recorded one as lost)."""
+    from server.config import ServerSettings
+
+    expiry = httpx.Limits().keepalive_expiry
+    defaults = ServerSettings()
+    assert expiry == 5.0
+    assert min(defaults.keep_alive_timeout_s, defaults.header_timeout_s) >= 2 * expiry
+    thread, _ = serve_fake(tokenizer)
+    try:
+        wait_ready(thread.url)
+        request = b"GET /health HTTP/1.1\r\nHost: kad\r\n\r\n"
+        with _connect(thread) as sock:
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(expiry + 1.5)
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        thread.stop()
+
+
 def test_a_keep_alive_connection_serves_several_requests(limited):
     with httpx.Client(base_url=limited.url) as client:
         for _ in range(3):
