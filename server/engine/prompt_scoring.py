@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from server.engine.step_plan import RowAlignment
-from server.engine.verification_hook import gather_logprobs, unscaled_log_pi
+from server.engine.verification_hook import gather_logprobs, log_pi_of
 
 # Positions scored at once: bounds the ``[rows, V]`` temporaries of one mixing (both
 # models' logits, q* and pi) whatever the chunk the scheduler gave the prompt.
@@ -86,7 +86,6 @@ def score_positions(
         stop = min(n, start + SCORE_ROWS_PER_CHUNK)
         target = target_logits_of(target_hidden[start:stop]).float()
         q = draft_logits_of(draft_hidden[start:stop]).float().softmax(dim=-1)
-        log_pi = unscaled_log_pi(target, q, torch.ones(stop - start, device=q.device), [row],
-                                 owners[:stop - start])
+        log_pi = log_pi_of(target, q, [row], owners[:stop - start])
         parts.append(gather_logprobs(log_pi, num_logprobs, tokens[start:stop]))
     return tuple(torch.cat(values) for values in zip(*parts))  # type: ignore[return-value]

@@ -318,11 +318,27 @@ def unscaled_log_pi(
     q = 0, below 1e-30 of mass). Position i belongs to batch row ``owners[i]``, whose
     rule and parameter apply. A row with non-finite inputs gets ``log p``.
     """
-    logits = target_logits.float()  # read only: each rule group mixes its own copy
     log_q = q_star.float().log().mul_(temperature.float().unsqueeze(-1))
     q = log_q.sub_(log_q.amax(dim=-1, keepdim=True)).exp_()
+    return log_pi_of(target_logits, q, rows, owners)
+
+
+def log_pi_of(target_logits: torch.Tensor, q: torch.Tensor,
+              rows: Sequence[RowAlignment | None], owners: np.ndarray) -> torch.Tensor:
+    """``log pi`` ``[n, V]`` from the target's raw logits and the draft's unscaled
+    distribution ``q`` (rows need not sum to 1): position i mixes with the rule and
+    parameter of batch row ``owners[i]``; a row with non-finite inputs gets ``log p``."""
+    logits = target_logits.float()  # read only: each rule group mixes its own copy
+    groups = list(rule_groups([rows[o].rule for o in owners]))
+    if len(groups) == 1 and len(groups[0][1]) == len(owners):
+        # One rule at every position (a scored prompt, a uniform batch): mix in place of
+        # one copy, with no gather of q* nor scatter of the result.
+        rule, _ = groups[0]
+        log_pi, _, _ = mix_rows(logits.clone(), q, rule,
+                                _params(rows, owners, logits.device), None)
+        return log_pi.log_softmax(dim=-1)
     out = torch.empty_like(logits)
-    for rule, group in rule_groups([rows[o].rule for o in owners]):
+    for rule, group in groups:
         index = to_device(group, logits.device)
         log_pi, _, _ = mix_rows(logits.index_select(0, index), q.index_select(0, index),
                                 rule, _params(rows, owners[group], logits.device), None)
