@@ -120,6 +120,21 @@ def test_a_requests_settings_are_parsed_once_while_it_is_in_the_batch(monkeypatc
     assert parsed == ["a", "b", None, "a"] and set(context.rows) == {"a", "b"}
 
 
+def test_scoring_requests_are_known_by_id_among_the_batchs_rows():
+    def request(kad):
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=kad))
+
+    requests = {"s": request({"kad": {"id": "s", "rule": "kad_dual", "param": 0.4,
+                                      "scores": True}}),
+                "g": request({"kad": {"id": "g", "rule": "kad_dual", "param": 0.4}}),
+                "v": request(None)}
+    context = HookContext()
+    context.rows_of(["g", "s", "v"], requests)
+    assert [context.scores(r) for r in ("s", "g", "v", "gone")] == [True, False, False, False]
+    context.rows_of(["g"], requests)  # the scoring request left the batch
+    assert not context.scores("s")
+
+
 _IMMUTABLE = (int, float, str, bytes, bool, type(None), tuple, frozenset,
               types.MappingProxyType, types.ModuleType, types.FunctionType, type,
               types.BuiltinFunctionType)

@@ -136,6 +136,11 @@ class HookContext:
         self.rows = rows
         return [rows[req_id] for req_id in req_ids]
 
+    def scores(self, request_id: str) -> bool:
+        """Whether a request in this step's batch is a prompt scoring request."""
+        row = self.rows.get(request_id)
+        return row is not None and row.scores
+
     def sender_for(self, endpoint: str | None) -> StatsSender | None:
         if endpoint != self.sender_endpoint:
             self.sender_endpoint = endpoint

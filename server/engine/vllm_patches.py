@@ -657,8 +657,8 @@ def _wrap_propose_draft_token_ids(original):
             return original(self, *args, **kwargs)
         req_ids = list(self.input_batch.req_ids)
         context.draft_pass = DraftPass(req_ids, context.next_drafts)
-        scoring = {i: r for i, r in enumerate(req_ids) if r in self.num_prompt_logprobs
-                   and context.rows.get(r) is not None and context.rows[r].scores}
+        scoring = {i: r for i, r in enumerate(req_ids)
+                   if r in self.num_prompt_logprobs and context.scores(r)}
         context.scoring_capture = HiddenStateCapture(scoring) if scoring else None
         try:
             return original(self, *args, **kwargs)
@@ -741,8 +741,7 @@ def _wrap_get_prompt_logprobs_dict(original):
         get log pi (``_prompt_logprobs_under_pi``)."""
         context = context_of(self.vllm_config)
         scoring = {} if context is None else {
-            r: n for r, n in self.num_prompt_logprobs.items()
-            if context.rows.get(r) is not None and context.rows[r].scores}
+            r: n for r, n in self.num_prompt_logprobs.items() if context.scores(r)}
         if not scoring:
             return original(self, hidden_states, num_scheduled_tokens)
         for request_id in scoring:
