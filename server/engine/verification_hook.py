@@ -97,7 +97,6 @@ class Finalized:
     """The step's outcome once ``finalize_step`` corrected vLLM's tokens."""
 
     stats: list[RowStepStats]
-    emitted: np.ndarray  # [num_reqs] tokens each row emitted (the withheld token counts)
 
 
 def _softmax_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,13 +417,11 @@ def finalize_step(
     valid_before = (tokens != PLACEHOLDER).sum(axis=-1)
     offsets = plan.offsets()
     results: list[RowStepStats] = []
-    emitted_per_row = np.zeros(num_reqs, dtype=np.int64)
     for i, row in enumerate(plan.rows):
         if row is None:
             continue
         n_draft = drafts[i]
         if plan.withheld[i]:
-            emitted_per_row[i] = 1
             continue  # the withheld prompt token: not generated, not counted
         n_valid = int(valid_before[i])
         if n_valid == 0 or not plan.emitting[i]:
@@ -435,7 +432,6 @@ def finalize_step(
             # The bonus token came from p at a position with no q*: dropped.
             tokens[i, n_draft] = PLACEHOLDER
             emitted -= 1
-        emitted_per_row[i] = emitted
         plain_from_p = n_draft == 0 and row.mixes and i not in resampled
         inexact = int(i in inexact_rows or plain_from_p)
         positions = min(n_draft, accepted + 1)
@@ -454,7 +450,7 @@ def finalize_step(
         ))
     if not np.array_equal(tokens, original):
         sampled[:num_reqs].copy_(to_device(tokens, device, sampled.dtype))
-    return Finalized(results, emitted_per_row)
+    return Finalized(results)
 
 
 @dataclass(frozen=True)
