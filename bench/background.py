@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,6 +48,29 @@ class LoopThread:
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+@contextmanager
+def target_alone(config: Any) -> Iterator[tuple[LoopThread, Any]]:
+    """vLLM's own ``AsyncLLM`` for a ``ServeConfig``'s target alone (kad-serve's engine
+    settings, no draft model, no hook) on a loop thread: the baseline the benchmarks put
+    beside kad-serve. Yields ``(loop thread, engine)``; both are shut down after."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from server.engine.vllm_engine import engine_args
+
+    plain = engine_args(config)
+    plain.speculative_config = None
+    holder = LoopThread()
+    llm = holder.run(asyncio.to_thread(AsyncLLM.from_engine_args, plain))
+    try:
+        yield holder, llm
+    finally:
+        llm.shutdown()
+        holder.stop()
+        # This generator's frame stays referenced after the block (gc.get_referrers shows
+        # it); without this the engine lives until interpreter exit, where its __del__ fails.
+        del llm
 
 
 class BackgroundEngine(LoopThread):

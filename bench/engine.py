@@ -149,17 +149,10 @@ async def _plain_vllm_run(llm, prompts, max_tokens, concurrency, seed0) -> float
 
 
 def _bench_plain(config: ServeConfig, args, tokenizer) -> list[dict[str, Any]]:
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from bench.background import target_alone
 
-    from bench.background import LoopThread
-    from server.engine.vllm_engine import engine_args
-
-    engine_args_plain = engine_args(config)
-    engine_args_plain.speculative_config = None
-    holder = LoopThread()
-    llm = holder.run(asyncio.to_thread(AsyncLLM.from_engine_args, engine_args_plain))
     records = []
-    try:
+    with target_alone(config) as (holder, llm):
         for concurrency in args.concurrency:
             prompts = _workload(tokenizer, concurrency, args.requests_per_slot)
             holder.run(_plain_vllm_run(llm, prompts, args.max_tokens, concurrency, 0))  # warm-up
@@ -168,9 +161,6 @@ def _bench_plain(config: ServeConfig, args, tokenizer) -> list[dict[str, Any]]:
                     for r in range(args.repeats)]
             records.append(_record("vllm-ar", None, None, concurrency, runs))
             _print(records[-1])
-    finally:
-        llm.shutdown()
-        holder.stop()
     return records
 
 

@@ -141,26 +141,16 @@ async def _vllm_prompt_logprobs(llm: Any, prompts: list[list[int]], tag: str) ->
 
 def _bench_vllm_target(config: ServeConfig, args, workloads) -> dict[tuple, list[float]]:
     """vLLM's own prompt logprobs, target alone, at the same engine settings."""
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from bench.background import target_alone
 
-    from bench.background import LoopThread
-    from server.engine.vllm_engine import engine_args
-
-    plain = engine_args(config)
-    plain.speculative_config = None
-    holder = LoopThread()
-    llm = holder.run(asyncio.to_thread(AsyncLLM.from_engine_args, plain))
     counter = iter(range(10**9))
-    try:
-        rates = {}
+    rates = {}
+    with target_alone(config) as (holder, llm):
         for key, prompts in workloads.items():
             rates[key] = _timed(lambda prompts=prompts: holder.run(_vllm_prompt_logprobs(
                 llm, prompts, str(next(counter)))), args.repeats)
             _print("vllm-target", key, rates[key])
-        return rates
-    finally:
-        llm.shutdown()
-        holder.stop()
+    return rates
 
 
 def _bench_reference(target: str, draft: str, args, workloads) -> dict[tuple, list[float]]:
