@@ -167,9 +167,10 @@ def test_statistics_match_the_acceptance_probabilities(tiny_engine, reference_fa
         accepted += stats.accepted
         drafted += stats.drafted
         positions += stats.positions
-        # Every returned token of a mixing rule was one verified draft position (no bonus).
-        prefix = list(prompt)
-        for token in result.token_ids:
+        # Every returned token of a mixing rule after the first was one verified draft
+        # position (no bonus); the first is sampled at the prefill and corrected to pi.
+        prefix = list(prompt) + result.token_ids[:1]
+        for token in result.token_ids[1:]:
             p, q_star, _ = reference.next_distributions(prefix)
             mixture = mixture_stats(p, q_star, rule, lam)
             a = float(mixture.acceptance)
@@ -177,8 +178,8 @@ def test_statistics_match_the_acceptance_probabilities(tiny_engine, reference_fa
             variance += a * (1 - a)
             alpha_expected += float(mixture.alpha)
             prefix.append(token)
-    tried = n * length
-    assert drafted == tried  # gamma 1: one draft per emitted token
+    tried = n * (length - 1)
+    assert drafted == tried  # gamma 1: one draft per emitted token after the first
     assert abs(accepted - expected) <= 4 * math.sqrt(variance) + 1, (accepted, expected)
     total_alpha = sum(r.stats.alpha_sum for r in results)
     assert total_alpha == pytest.approx(alpha_expected, rel=1e-3, abs=1e-3)
@@ -262,8 +263,8 @@ def test_stop_strings_end_the_text_and_free_the_request(tiny_engine, prompt):
 
 def test_a_prompt_found_in_the_prefix_cache_is_still_exact(tiny_engine, reference_factory, prompt):
     """A repeated prompt whose cached part leaves one token to compute is admitted by vLLM's
-    scheduler with placeholder drafts (-1). Its first step must still emit the withheld
-    prompt token (not a token sampled from p), and the batch must keep its q*."""
+    scheduler with placeholder drafts (-1). Its first token must still be pi's (corrected
+    from p by the proposal, not kept from p), and the batch must keep its q*."""
     alignment = AlignmentSettings.paper_default("kad_dual")
     reference = reference_factory("kad_dual", alignment.param)
     for block in (16, 32, 64, 128):  # whatever the KV block size: one full block + 1 token

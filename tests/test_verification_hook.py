@@ -23,8 +23,9 @@ def _probs(generator: torch.Generator, rows: int) -> torch.Tensor:
     return torch.softmax(3 * torch.randn(rows, VOCAB, generator=generator), dim=-1)
 
 
-def _row(rule: str, param: float | None = None, **kw) -> RowAlignment:
-    return RowAlignment(request_id=f"r-{rule}", rule=rule, param=param, **kw)
+def _row(rule: str, param: float | None = None, request_id: str | None = None,
+         **kw) -> RowAlignment:
+    return RowAlignment(request_id=request_id or f"r-{rule}", rule=rule, param=param, **kw)
 
 
 def _plan(rows, drafts=None, *, first=None, emitting=None, padded=frozenset()) -> StepPlan:
@@ -40,7 +41,7 @@ def _mixed(alpha: list[float]) -> Mixed:
 
 def test_from_extra_args_reads_settings_and_ignores_other_requests():
     row = RowAlignment.from_extra_args(
-        {"kad": {"id": "a", "rule": "kad_dual", "param": 0.4, "greedy": True, "first_token": 7}}
+        {"kad": {"id": "a", "rule": "kad_dual", "param": 0.4, "greedy": True, "logprobs": 7}}
     )
     assert row == RowAlignment("a", "kad_dual", 0.4, True, 7)
     assert RowAlignment.from_extra_args(None) is None
@@ -50,9 +51,10 @@ def test_from_extra_args_reads_settings_and_ignores_other_requests():
 def test_the_plan_lays_out_rows_positions_and_what_the_hook_samples():
     """One plan from vLLM's host data: bonus and first logits rows from the draft layout
     (as ``SpecDecodeMetadata.bonus_logits_indices``), real drafts net of padding, the
-    withheld rows, and which rows the hook samples itself (from pi or from p)."""
+    rows sampled before any proposal saw their context (corrected to pi by the proposal),
+    and which rows the hook samples itself (from pi or from p)."""
     rows = [_row("kad_dual", 0.4), _row("base", logprobs=2), None,
-            _row("aligned", first_token=9), _row("kad_dual", 0.4),
+            _row("aligned"), _row("kad_dual", 0.4),
             _row("kad_dual", 0.4), _row("aligned", logprobs=0)]
     plan = StepPlan.build(rows, num_draft_tokens=[3, 2, 0, 0, 2, 0, 1],
                           padded_rows=frozenset({4}), output_lens=[4, 7, 2, 0, 1, -3, 2],
@@ -63,9 +65,8 @@ def test_the_plan_lays_out_rows_positions_and_what_the_hook_samples():
     assert plan.bonus_rows == (3, 6, 7, 8, 11, 12, 14)
     assert plan.first_rows == (0, 4, 7, 8, 9, 12, 13)
     assert plan.drafts == (3, 2, 0, 0, 0, 0, 1)  # row 4's drafts are padding
-    assert plan.withheld == (False, False, False, True, False, False, False)
-    # Row 2 is not kad's, 3 emits its withheld token, 5 is a partial prefill chunk.
-    assert plan.sampled_here == (4,) and plan.plain == (4,)
+    # Row 2 is not kad's, 3 samples its first output, 5 is a partial prefill chunk.
+    assert plan.sampled_here == (3, 4) and plan.corrected == (3,) and plan.plain == (4,)
     assert plan.wants_logprobs
     assert plan.owners().tolist() == [0, 0, 0, 1, 1, 4, 4, 6]
     assert plan.offsets().tolist() == [0, 3, 5, 5, 5, 7, 7, 8]
@@ -140,14 +141,17 @@ def test_finalize_drops_bonus_for_mixing_rows_and_keeps_it_for_base():
     assert abs(s2.alpha_sum - 0.3) < 1e-6
 
 
-def test_finalize_forces_the_withheld_prompt_token_on_the_first_step():
-    rows = [_row("kad_dual", 0.4, first_token=42), _row("kad_dual", 0.4, first_token=43), None]
+def test_finalize_counts_a_corrected_first_token_as_exact_and_a_plain_one_from_p_not():
+    rows = [_row("kad_dual", 0.4, request_id="a"), _row("kad_dual", 0.4, request_id="b"),
+            None]
     sampled = torch.tensor([[5], [6], [7]], dtype=torch.int32)
-    done = finalize_step(sampled, torch.zeros(3, VOCAB),
-                         _plan(rows, first=[True, False, True]))
-    assert sampled[:, 0].tolist() == [42, 6, 7]
-    # The forced token is not generated output; the unforced row-1 token came from p.
-    assert [(s.request_id, s.emitted, s.inexact) for s in done.stats] == [("r-kad_dual", 1, 1)]
+    plan = _plan(rows, first=[True, False, True])
+    assert plan.corrected == (0,) and plan.plain == (1,)
+    done = finalize_step(sampled, torch.zeros(3, VOCAB), plan, corrected=frozenset({0}))
+    assert sampled[:, 0].tolist() == [5, 6, 7]
+    # Row 0 is corrected to pi by the proposal; row 1 kept a sample of p (no stored q*).
+    assert [(s.request_id, s.emitted, s.inexact) for s in done.stats] == [("a", 1, 0),
+                                                                          ("b", 1, 1)]
 
 
 def test_finalize_greedy_plain_rows_take_the_argmax():
@@ -240,17 +244,20 @@ def test_partial_prefill_rows_emit_nothing_and_count_nothing():
     assert done.stats == []
 
 
-def test_a_padded_first_step_emits_the_withheld_token_alone():
+def test_a_padded_first_step_emits_one_token_for_correction():
     """A request admitted with one token to compute joins a running batch with ``-1``
     padding drafts; vLLM's CPU kernel can accept a ``-1`` and then sample slot 1 after a
-    placeholder context (seen as a scored prompt whose token 2 was a sample, and every
-    value after it wrong). The first step emits the withheld token and nothing else."""
-    rows = [_row("kad_dual", 0.4, first_token=42), _row("kad_dual", 0.4)]
+    placeholder context. The first step keeps its first slot (the hook's sample of p,
+    corrected by the proposal) and nothing after it."""
+    rows = [_row("kad_dual", 0.4, request_id="a"), _row("kad_dual", 0.4, request_id="b")]
     plan = _plan(rows, [3, 2], first=[True, False], padded=frozenset({0}))
-    sampled = _sampled([[PLACEHOLDER, 13], [4, 5, 6]], 4)
-    done = finalize_step(sampled, torch.zeros(3 + 2 + 2, VOCAB), plan)
+    assert plan.corrected == (0,)
+    sampled = _sampled([[42, 13], [4, 5, 6]], 4)
+    done = finalize_step(sampled, torch.zeros(3 + 2 + 2, VOCAB), plan,
+                         corrected=frozenset({0}))
     assert sampled[0].tolist() == [42, PLACEHOLDER, PLACEHOLDER, PLACEHOLDER]
-    assert [(s.request_id, s.drafted, s.emitted) for s in done.stats] == [("r-kad_dual", 2, 2)]
+    assert [(s.request_id, s.drafted, s.emitted) for s in done.stats] == [("a", 0, 1),
+                                                                          ("b", 2, 2)]
 
 
 def test_a_padded_row_keeps_its_first_position_only_and_counts_no_drafts():

@@ -1,8 +1,7 @@
 """Incremental detokenization with stop strings, for one request's output tokens.
 
-The engine detokenizes itself (instead of vLLM) because vLLM's output for a request starts
-with the withheld last prompt token (see ``verification_hook``), which is not output text.
-Decoding is the ``tokenizers`` library's ``DecodeStream`` (what vLLM's own fast
+The engine detokenizes itself (instead of vLLM) so that a stop string ends the request
+where the text ends, whatever tokens the hook emitted in one step. Decoding is the ``tokenizers`` library's ``DecodeStream`` (what vLLM's own fast
 detokenizer uses): a token that ends mid UTF-8 character yields nothing until the
 character is complete, and the concatenated deltas equal the decoded text. What is left
 here is the stop-string handling: text that may be the start of a stop string is held

@@ -16,7 +16,9 @@ ContextVar scoped to one ``_sample`` call, ``vllm_patches._STEP_IN_PROGRESS``):
   computed by ``_sample``;
 * ``draft_pass``: the proposal in progress (``DraftPass``), set around the runner's
   ``propose_draft_token_ids`` with the batch's rows in ``input_batch.req_ids`` order;
-* ``draft_probs``: each request's q* until its drafts are verified (``DraftProbStore``).
+* ``draft_probs``: each request's q* until its drafts are verified (``DraftProbStore``);
+* ``pending_correction``: tokens sampled from p awaiting the proposal's q*
+  (``first_token``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from server.engine.draft_probs import DraftProbStore
+from server.engine.first_token import PendingCorrection
 from server.engine.prompt_scoring import HiddenStateCapture
 from server.engine.stats_channel import StatsSender
 from server.engine.step_plan import RowAlignment, StepPlan
@@ -116,6 +119,9 @@ class HookContext:
     # The scoring rows' drafter hidden states of this step, from the proposal to the
     # bookkeeping that computes prompt logprobs (``prompt_scoring``).
     scoring_capture: HiddenStateCapture | None = None
+    # This step's rows sampled from p before any proposal saw their context, from
+    # ``_sample`` to the proposal that corrects them to pi (``first_token``).
+    pending_correction: PendingCorrection | None = None
     sender: StatsSender | None = None
     sender_endpoint: str | None = None
     logged_degraded: bool = False

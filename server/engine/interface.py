@@ -78,6 +78,8 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     repetition_penalty: float = 1.0  # on p before mixing, as vLLM applies it to its target
+    presence_penalty: float = 0.0  # generated tokens only, on p before mixing
+    frequency_penalty: float = 0.0  # per generated occurrence, on p before mixing
     # Logprobs of each generated token under pi (unscaled), with this many top
     # alternatives (0: the token's own only); None: no logprobs.
     logprobs: int | None = None

@@ -14,7 +14,7 @@ called here on the built config. What is kad-serve's alone:
 * tokenizer agreement between target and draft (same ids for probe texts, same added
   tokens), which vLLM does not compare;
 * the stop ids (the target's ``generation_config.json`` eos ids and the served tokenizer's
-  eos), for the engine's withheld-token check.
+  eos), reported in the start-up summary.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class PreflightResult:
     ``engine_max_model_len``: vLLM's ``max_model_len`` (public + ``headroom``), never more
     than ``model_position_limit``, the smaller of the two models' limits as vLLM derives them.
     ``stop_token_ids``: the target's eos ids and the served tokenizer's eos; the engine
-    does not withhold a prompt's last token when it is one.
+    in the start-up summary.
     """
 
     vllm_config: Any
@@ -66,8 +66,8 @@ class PreflightResult:
 
 
 def headroom(config: ServeConfig) -> int:
-    """Positions vLLM needs past the public limit: the withheld prompt token, the bonus
-    position, one step of ``gamma`` scheduled drafts, and ``gamma`` more for the drafter.
+    """Positions vLLM needs past the public limit: the bonus position, one step of
+    ``gamma`` scheduled drafts, ``gamma`` more for the drafter, and one spare.
 
     vLLM 0.32 skips drafting for the *whole batch* when any request's sequence plus its
     scheduled drafts plus ``gamma`` would pass the draft's ``max_model_len``

@@ -32,7 +32,8 @@ SCORE_ROWS_PER_CHUNK = 256
 
 @dataclass
 class HiddenStateCapture:
-    """The scoring rows' hidden states of the drafter's first forward in one proposal.
+    """The scoring rows' hidden states of the drafter's first forward in one proposal, and
+    the hidden state at one position of each row in ``points``.
 
     ``rows`` maps the batch index of each scoring row (vLLM's ``input_batch`` order, the
     drafter's batch order) to its request id. ``set_layout`` takes the drafter's own
@@ -42,9 +43,13 @@ class HiddenStateCapture:
     """
 
     rows: Mapping[int, str]
+    # Batch index -> how many of its target tokens come after the one whose hidden state
+    # is kept alone (a corrected first token's context: ``first_token``).
+    points: Mapping[int, int] = field(default_factory=dict)
     layout: np.ndarray | None = None
     appended_slots: int = 0
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    at_points: dict[int, torch.Tensor] = field(default_factory=dict)
     done: bool = False
 
     def set_layout(self, query_start_loc: np.ndarray, appended_slots: int) -> None:
@@ -62,6 +67,9 @@ class HiddenStateCapture:
             start = int(self.layout[index])
             end = int(self.layout[index + 1]) - self.appended_slots
             self.hidden[request_id] = hidden_states[start:end].clone()
+        for index, after in self.points.items():
+            end = int(self.layout[index + 1]) - self.appended_slots - after
+            self.at_points[index] = hidden_states[end - 1].clone()
 
 
 def score_positions(

@@ -28,7 +28,6 @@ class RowAlignment:
     rule: str
     param: float | None = None
     greedy: bool = False  # temperature 0 requested: follow argmax(pi), sent as temperature 1
-    first_token: int | None = None  # the withheld last prompt token, forced as output 0
     logprobs: int | None = None  # top alternatives asked for (0: the token's own only)
     # Prompt scoring from prefill: vLLM computes this request's prompt logprobs, the hook
     # replaces them by log pi (``prompt_scoring``); its one sampled token is vLLM's own.
@@ -44,7 +43,6 @@ class RowAlignment:
             rule=str(settings["rule"]),
             param=settings.get("param"),
             greedy=bool(settings.get("greedy", False)),
-            first_token=settings.get("first_token"),
             logprobs=settings.get("logprobs"),
             scores=bool(settings.get("scores", False)),
         )
@@ -81,10 +79,14 @@ class StepPlan:
     * ``bonus_rows[i]``: the logits row of row i's bonus/plain position, None when nothing
       is verified (the plain sampler's layout, one logits row per request);
       ``first_rows[i]``: the logits row of row i's first sampled position;
-    * ``withheld[i]``: this step emits row i's withheld prompt token (its prefill);
     * ``sampled_here``: rows the hook itself samples at their one position (no real
-      drafts, emitting, not withheld); ``plain``: those of them that mix (from pi with the
-      q* of their last proposal), the rest from p (padded rows without q*);
+      drafts, emitting); ``plain``: those of them that mix and have a q* from their last
+      proposal for that position (sampled from pi at once), the rest from p (padded rows
+      of ``base``);
+    * ``corrected``: mixing rows of ``sampled_here`` whose position no proposal has seen
+      yet (the first output after the prompt): sampled from p here, then corrected to a
+      sample of pi once the drafter's first forward of this step gives q* there
+      (``first_token``);
     * ``wants_logprobs``: whether any row asked for logprobs under pi.
     """
 
@@ -97,7 +99,7 @@ class StepPlan:
     emitting: tuple[bool, ...]
     bonus_rows: tuple[int, ...] | None
     first_rows: tuple[int, ...]
-    withheld: tuple[bool, ...]
+    corrected: tuple[int, ...]
     sampled_here: tuple[int, ...]
     plain: tuple[int, ...]
     wants_logprobs: bool
@@ -125,17 +127,17 @@ class StepPlan:
             bonus = np.cumsum(layout) + np.arange(n)
             bonus_rows = tuple(int(b) for b in bonus)
             first_rows = tuple(int(b) - d for b, d in zip(bonus, layout))
-        withheld = tuple(row is not None and output_lens[i] == 0 and row.first_token is not None
-                         for i, row in enumerate(rows))
         sampled_here = tuple(i for i, row in enumerate(rows) if row is not None
-                             and drafts[i] == 0 and emitting[i] and not withheld[i])
+                             and drafts[i] == 0 and emitting[i])
+        corrected = tuple(i for i in sampled_here
+                          if rows[i].mixes and output_lens[i] == 0)
         return cls(
             req_ids=tuple(req_ids) if req_ids is not None else tuple(map(str, range(n))),
             rows=tuple(rows), layout=layout, drafts=drafts,
             padded_rows=frozenset(padded_rows), output_lens=output_lens, emitting=emitting,
-            bonus_rows=bonus_rows, first_rows=first_rows, withheld=withheld,
+            bonus_rows=bonus_rows, first_rows=first_rows, corrected=corrected,
             sampled_here=sampled_here,
-            plain=tuple(i for i in sampled_here if rows[i].mixes),
+            plain=tuple(i for i in sampled_here if rows[i].mixes and i not in corrected),
             wants_logprobs=any(row is not None and row.wants_logprobs_under_pi
                                for row in rows),
         )

@@ -6,9 +6,11 @@ sample from the mixture ``pi = mix(p, q*)``; ``vllm_patches`` calls the function
 the patched vLLM internals. Every place where vLLM would otherwise emit a token of ``p``
 is corrected after sampling (see ``finalize_step``):
 
-* the first output token (sampled by the plain sampler at prefill, with no ``q*`` yet):
-  the engine withholds the prompt's last token and this module forces it as the first
-  "sampled" token, so every real output token goes through verification;
+* the first output token (sampled at prefill, where no proposal has seen the context
+  yet) and any token sampled where the drafts were invalidated: sampled from ``p``, then
+  corrected to a sample of ``pi`` once the drafter's first forward of the same step gives
+  ``q*`` there (``correct_to_pi``: keep it with probability ``min(1, pi/p)``, else
+  resample the residual), before vLLM's bookkeeping sees it (``vllm_patches``);
 * the bonus token after all drafts are accepted (drawn from ``p``): dropped for every rule
   but ``base`` (costs at most one token per step; the draft has no ``q*`` there);
 * a row with no drafts this step (drafts cut by the token budget, a request resumed after
@@ -60,7 +62,7 @@ class Mixed:
     alpha: torch.Tensor  # [num_tokens] deferred mass at each draft position
     degraded: torch.Tensor  # [num_tokens] bool: a non-finite p or q* row, verified against p
     # Mixing rows verified without q* (drafts no stored proposal made, or none stored):
-    # verified against p, counted inexact unless the token is the withheld prompt token.
+    # verified against p, counted inexact.
     inexact_rows: frozenset[int] = frozenset()
 
 
@@ -260,6 +262,26 @@ def sample_from_probs(probs: torch.Tensor,
     return probs.div(noise).argmax(dim=-1)
 
 
+def processed_pi(target_probs: torch.Tensor, q_star: torch.Tensor,
+                 rows: Sequence[RowAlignment | None], owners: np.ndarray,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pi [n, V] normalised, bad [n])`` from the processed target ``target_probs``
+    (temperature, top-k/top-p) and the draft's ``q_star`` at the same positions: position
+    i mixes with the rule and parameter of batch row ``owners[i]``. A bad row (non-finite
+    p or q*) gets p."""
+    device = target_probs.device
+    pi = torch.empty_like(target_probs, dtype=torch.float32)
+    bad = torch.zeros(len(owners), dtype=torch.bool, device=device)
+    for rule, group in rule_groups([rows[o].rule for o in owners]):
+        index = to_device(group, device)
+        log_pi, _, group_bad = mix_rows(target_probs.index_select(0, index).float().log_(),
+                                        q_star.index_select(0, index), rule,
+                                        _params(rows, owners[group], device), None)
+        pi.index_copy_(0, index, log_pi.softmax(dim=-1))
+        bad.index_copy_(0, index, group_bad)
+    return pi, bad
+
+
 def resample_plain_rows(
     target_probs: torch.Tensor,
     q_star: torch.Tensor,
@@ -274,22 +296,45 @@ def resample_plain_rows(
     position (from its last proposal), ``batch_rows[j]`` the batch row of row j.
     ``generators`` are keyed by j.
     """
-    rows = [plan.rows[i] for i in batch_rows]
-    device = target_probs.device
     owners = np.asarray(batch_rows)
-    tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-    degraded = torch.zeros(plan.num_reqs, dtype=torch.bool, device=device)
-    for rule, group in rule_groups([r.rule for r in rows]):
-        index = to_device(group, device)
-        logits = target_probs.index_select(0, index).log_()
-        log_pi, _, bad = mix_rows(logits, q_star.index_select(0, index), rule,
-                                  _params(plan.rows, owners[group], device),
-                                  _greedy(plan.rows, owners[group], device))
-        pi = log_pi.exp_()
-        local = {k: generators[int(j)] for k, j in enumerate(group) if int(j) in generators}
-        tokens.index_copy_(0, index, sample_from_probs(pi, local))
-        degraded.index_copy_(0, to_device(owners[group], device), bad)
+    pi, bad = processed_pi(target_probs, q_star, plan.rows, owners)
+    tokens = sample_from_probs(pi, generators)
+    greedy = _greedy(plan.rows, owners, pi.device)
+    if greedy is not None:
+        tokens = torch.where(greedy, pi.argmax(dim=-1), tokens)
+    degraded = torch.zeros(plan.num_reqs, dtype=torch.bool, device=pi.device)
+    degraded.index_copy_(0, to_device(owners, pi.device), bad)
     return PlainSamples(tuple(int(i) for i in batch_rows), tokens, q_star, degraded)
+
+
+def uniform_draws(n: int, generators: dict[int, torch.Generator],
+                  device: torch.device) -> torch.Tensor:
+    """``[n]`` uniforms in [0, 1), row j's from ``generators[j]`` where it is seeded."""
+    draws = torch.rand(n, device=device)
+    for row, generator in generators.items():
+        draws[row] = torch.rand(1, generator=generator, device=device)[0]
+    return draws
+
+
+def correct_to_pi(target_probs: torch.Tensor, pi: torch.Tensor, tokens: torch.Tensor,
+                  greedy: torch.Tensor | None,
+                  generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Tokens distributed as ``pi`` from ``tokens`` sampled from ``target_probs`` (p), each
+    kept as often as possible: kept with probability ``min(1, pi(x) / p(x))``, else
+    replaced by a sample of the residual ``(pi - p)+`` (the maximal coupling of p and pi:
+    exact for pi, and the drafts made after x stay valid whenever x is kept). Greedy rows
+    take the argmax of pi. Row j's draws come from ``generators[j]`` where seeded."""
+    x = tokens.long().unsqueeze(-1)
+    p_x = target_probs.float().gather(-1, x).squeeze(-1)
+    pi_x = pi.gather(-1, x).squeeze(-1)
+    residual = (pi - target_probs.float()).clamp_(min=0)
+    has_residual = residual.sum(dim=-1) > 0
+    keep = (uniform_draws(len(tokens), generators, pi.device) * p_x < pi_x) | ~has_residual
+    replacement = sample_from_probs(residual, generators)
+    out = torch.where(keep, x.squeeze(-1), replacement)
+    if greedy is not None:
+        out = torch.where(greedy, pi.argmax(dim=-1), out)
+    return out
 
 
 def write_first_slots(sampled: torch.Tensor, batch_rows: Sequence[int],
@@ -364,16 +409,18 @@ def finalize_step(
     plan: StepPlan,
     mixed: Mixed | None = None,
     plain: PlainSamples | None = None,
+    corrected: frozenset[int] = frozenset(),
 ) -> Finalized:
     """Correct vLLM's sampled tokens (in place) and return the step's per-request stats.
 
     ``sampled`` is ``[num_reqs, 1 + max_spec_len]`` (placeholder -1 for no token);
     ``logits`` the target logits the step sampled from (rows as in ``plan.first_rows``);
     ``mixed`` what verification found (None: nothing verified), ``plain`` the rows the hook
-    sampled from pi.
+    sampled from pi, ``corrected`` the rows sampled from p that the proposal corrects to pi
+    (``correct_to_pi``; not inexact).
 
     One device-to-host read brings the sampled tokens, the greedy rows' argmax, alpha and
-    degraded flags together; every correction (withheld token, padded rows, greedy rows,
+    degraded flags together; every correction (padded rows, greedy rows,
     dropped bonus tokens) is made on that host copy and written back with one non-blocking
     copy.
     """
@@ -386,7 +433,7 @@ def finalize_step(
     # argmax p there, as vLLM would for a greedy request.
     greedy = [i for i, row in enumerate(plan.rows)
               if row is not None and row.greedy and i not in resampled
-              and drafts[i] == 0 and not plan.withheld[i]]
+              and drafts[i] == 0]
     num_tokens = plan.num_tokens
     parts = [
         sampled[:num_reqs].reshape(-1),
@@ -405,14 +452,9 @@ def finalize_step(
     width = sampled.shape[1]
     tokens = tokens_np.astype(np.int64).reshape(num_reqs, width)
     original = tokens.copy()
-    for i, row in enumerate(plan.rows):
-        if plan.withheld[i]:
-            # Prefill of prompt[:-1]: the withheld last prompt token is the one output; any
-            # later slot (a padded row's) was sampled after a placeholder, not a real token.
-            tokens[i, 0] = row.first_token
-            tokens[i, 1:] = PLACEHOLDER
-        elif i in plan.padded_rows:
-            tokens[i, 1:] = PLACEHOLDER
+    for i in plan.padded_rows:
+        # Only a padded row's first position has a real context.
+        tokens[i, 1:] = PLACEHOLDER
     tokens[greedy, 0] = greedy_np.astype(np.int64)
     valid_before = (tokens != PLACEHOLDER).sum(axis=-1)
     offsets = plan.offsets()
@@ -421,8 +463,6 @@ def finalize_step(
         if row is None:
             continue
         n_draft = drafts[i]
-        if plan.withheld[i]:
-            continue  # the withheld prompt token: not generated, not counted
         n_valid = int(valid_before[i])
         if n_valid == 0 or not plan.emitting[i]:
             continue  # a partial prefill chunk or a discarded row: nothing was sampled
@@ -432,7 +472,8 @@ def finalize_step(
             # The bonus token came from p at a position with no q*: dropped.
             tokens[i, n_draft] = PLACEHOLDER
             emitted -= 1
-        plain_from_p = n_draft == 0 and row.mixes and i not in resampled
+        plain_from_p = (n_draft == 0 and row.mixes and i not in resampled
+                        and i not in corrected)
         inexact = int(i in inexact_rows or plain_from_p)
         positions = min(n_draft, accepted + 1)
         span = slice(offsets[i], offsets[i] + positions)
@@ -459,9 +500,9 @@ class LogprobSources:
     vLLM's ``LogprobsTensors`` (``row * width + j``); logits rows index the step's target
     logits. ``pi_*``: slots verified or sampled against pi with a q* (``q_star`` row by
     row, ``pi_owners`` their batch rows); ``p_*``: every other slot of a row that asked
-    for logprobs under pi whose token may differ from vLLM's own (the withheld first
-    token, drafts verified without q*): log p of the final token (counted inexact where pi
-    was meant)."""
+    for logprobs under pi whose token may differ from vLLM's own (drafts verified without
+    q*, a corrected row's until its correction writes log pi): log p of the final token
+    (counted inexact where pi was meant)."""
 
     pi_slots: tuple[int, ...]
     pi_logit_rows: tuple[int, ...]

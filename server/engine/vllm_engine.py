@@ -3,9 +3,10 @@
 vLLM's draft-model speculative decoding with probabilistic drafting gives the verification
 step the draft's full ``q*``; the plugin-installed hook (``vllm_patches``) turns the
 target into the mixture ``pi`` per request. This module builds the ``AsyncLLM``, encodes
-each request's alignment settings into ``SamplingParams.extra_args``, withholds the
-prompt's last token (so the first output token is verified against ``pi`` too), and joins
-vLLM's token stream with the hook's statistics.
+each request's alignment settings into ``SamplingParams.extra_args``, and joins vLLM's
+token stream with the hook's statistics. vLLM sees each prompt whole and only generated
+tokens as output: the hook corrects the first output token to pi within the prefill step
+(``first_token``).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _engine_args(config: ServeConfig, hook: HookSettings | None,
         tensor_parallel_size=engine.tensor_parallel_size,
         pipeline_parallel_size=engine.pipeline_parallel_size,
         distributed_executor_backend=engine.distributed_executor_backend,
-        # Headroom past the public limit for the withheld prompt token and drafts.
+        # Headroom past the public limit for the bonus position and drafts.
         max_model_len=max_model_len,
         max_num_seqs=engine.max_num_seqs,
         gpu_memory_utilization=engine.gpu_memory_utilization,
@@ -199,7 +200,6 @@ class VllmEngine:
         # (raises PreflightError: one line naming the config key).
         self._preflight = run_preflight(config)
         self.max_model_len = self._preflight.public_max_model_len
-        self._stop_ids = frozenset(self._preflight.stop_token_ids)
         self.default_alignment = config.alignment
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.models.tokenizer or config.models.draft
@@ -247,7 +247,7 @@ class VllmEngine:
             AlignmentSettings(rule="aligned"), record=False,
         ):
             stats = chunk.stats or stats
-        if stats is None or stats.drafted == 0:
+        if stats is None or stats.emitted == 0:
             raise HookNotActiveError(
                 "the kad verification hook did not run in vLLM's engine process: is kad-serve "
                 "installed in this environment (its vllm.general_plugins entry point "
@@ -322,7 +322,6 @@ class VllmEngine:
 
     def _sampling_params(
         self, request_id: str, sampling: SamplingOptions, alignment: AlignmentSettings,
-        first_token: int | None,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -336,7 +335,6 @@ class VllmEngine:
             "id": request_id,
             **alignment.as_extra_args(),
             "greedy": greedy and mixes,
-            "first_token": first_token,
             "logprobs": sampling.logprobs,
         }
         return SamplingParams(
@@ -345,22 +343,16 @@ class VllmEngine:
             top_p=1.0 if greedy else sampling.top_p,
             top_k=0 if greedy or not sampling.top_k else sampling.top_k,
             seed=sampling.seed,
-            max_tokens=sampling.max_tokens + int(first_token is not None),
+            max_tokens=sampling.max_tokens,
             ignore_eos=sampling.ignore_eos,
             logprobs=sampling.logprobs,
             repetition_penalty=sampling.repetition_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_ARGS_KEY: kad},
         )
-
-    def _plan_prompt(self, prompt: list[int]) -> tuple[list[int], int | None]:
-        """``(vLLM's prompt, withheld token)``: the last prompt token is withheld and
-        re-emitted by the hook as "output" 0, so that q* exists at the first real output
-        position (see verification_hook)."""
-        if len(prompt) >= 2 and prompt[-1] not in self._stop_ids:
-            return prompt[:-1], prompt[-1]
-        return prompt, None
 
     async def _score_prompt(self, request_id: str, prompt: list[int], num_logprobs: int,
                             alignment: AlignmentSettings) -> list[TokenLogprob]:
@@ -414,34 +406,28 @@ class VllmEngine:
         if sampling.prompt_logprobs:
             scored = await self._score_prompt(request_id, prompt, sampling.logprobs or 0,
                                               alignment)
-        vllm_prompt, first_token = self._plan_prompt(prompt)
         if sampling.max_tokens == 0:  # scoring only, or nothing to do
             yield GenerationChunk(
                 [], "", finished=True, finish_reason="length", stats=RequestStats(),
                 prompt_tokens=len(prompt), logprobs=None if sampling.logprobs is None else [],
                 prompt_logprobs=scored)
             return
-        params = self._sampling_params(request_id, sampling, alignment, first_token)
+        params = self._sampling_params(request_id, sampling, alignment)
         self._live[request_id] = RequestStats()
         self._updated[request_id] = asyncio.Event()
         detok = IncrementalDetokenizer(self.tokenizer, tuple(sampling.stop))
-        to_skip = int(first_token is not None)
-        generated = 0  # tokens vLLM produced for this request (after the withheld one)
+        generated = 0  # tokens vLLM produced for this request
         finish_reason: str | None = None
         finished_cleanly = False
         try:
             stream = self._llm.generate(
-                TokensPrompt(prompt_token_ids=vllm_prompt), params, request_id
+                TokensPrompt(prompt_token_ids=prompt), params, request_id
             )
             async for output in stream:
                 completion = output.outputs[0]
                 new_ids = list(completion.token_ids)
-                positions = completion.logprobs
-                if to_skip:
-                    dropped = min(to_skip, len(new_ids))
-                    new_ids, to_skip = new_ids[dropped:], to_skip - dropped
-                    positions = positions and positions[dropped:]
-                new_logprobs = _token_logprobs(new_ids, positions, sampling.logprobs)
+                new_logprobs = _token_logprobs(new_ids, completion.logprobs,
+                                               sampling.logprobs)
                 generated += len(new_ids)
                 kept: list[int] = []
                 text = ""

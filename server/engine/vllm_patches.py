@@ -12,7 +12,9 @@ body is copied or replaced (``PINNED_SOURCES``) and every vLLM attribute read
 * ``GPUModelRunner._sample`` (wrapped): builds the step's ``StepPlan`` from vLLM's batch
   (``input_batch.req_ids``, ``requests[...].sampling_params.extra_args``, the scheduled
   drafts), runs upstream sampling with it in scope, then corrects the sampled tokens
-  (withheld first token, padded rows, zero-draft rows from pi, bonus token, greedy rows),
+  (padded rows, zero-draft rows from pi, bonus token, greedy rows; a row sampled before
+  any proposal saw its context, such as a first output token, is sampled from p and left
+  to the proposal to correct),
   writes logprobs of pi, plans the next drafts per request id and publishes per-request
   statistics. A scoring request's row is left to vLLM (its one token is discarded).
 * ``rejection_sampler.rejection_sample`` (wrapped): the target becomes ``log(pi)`` so
@@ -25,7 +27,10 @@ body is copied or replaced (``PINNED_SOURCES``) and every vLLM attribute read
 * ``GPUModelRunner.propose_draft_token_ids`` (wrapped) and
   ``SpecDecodeBaseProposer._sample_from_logits`` (its sampling replaced by
   ``hook_context.DraftPass.sample``): float32 q*, per-request seeds, greedy rows, found by
-  request id in the batch's order.
+  request id in the batch's order. After the proposal, the rows ``_sample`` drew from p
+  without q* (a request's first output token) are corrected to samples of pi with the
+  q* of the drafter's first forward, before vLLM's bookkeeping (``first_token``); when a
+  token changed, the proposal runs again from the corrected tokens.
 * ``SpecDecodeBaseProposer.load_model`` (wrapped: a forward hook on the drafter's model) and
   ``SpecDecodeBaseProposer.set_inputs_first_pass`` (wrapped: the drafter's layout): the
   scoring rows' hidden states of each proposal's first forward (``prompt_scoring``).
@@ -60,6 +65,7 @@ import numpy as np
 import torch
 
 from server.engine import verification_hook as hook
+from server.engine.first_token import PendingCorrection, correct
 from server.engine.hook_context import DraftPass, next_drafts
 from server.engine.hook_settings import HookSettings, context_of, settings_of
 from server.engine.prompt_scoring import HiddenStateCapture, score_positions
@@ -339,24 +345,62 @@ def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
     return apply_top_k_top_p(x, top_k, top_p).softmax(dim=-1)
 
 
-def _resample_plain_rows(runner: Any, logits: torch.Tensor,
-                         plan: hook.StepPlan) -> hook.PlainSamples | None:
-    """Rows with no drafts: sampled from pi with the q* of their last proposal (None when
-    no such row has a stored q*)."""
+def _resample_plain_rows(runner: Any, logits: torch.Tensor, plan: hook.StepPlan,
+                         ) -> tuple[hook.PlainSamples | None, tuple[int, ...]]:
+    """Rows with no drafts: sampled from pi with the q* of their last proposal. Returns
+    the samples (None when no such row has a stored q*) and the rows without one (a
+    request resumed after preemption), which are corrected like a first token."""
     if not plan.plain:
-        return None
+        return None, ()
     q_rows = context_of(runner.vllm_config).draft_probs.take_first_rows(
         [plan.req_ids[i] for i in plan.plain])
     usable = [(i, q) for i, q in zip(plan.plain, q_rows) if q is not None]
+    missing = tuple(i for i, q in zip(plan.plain, q_rows) if q is None)
     if not usable:
-        return None
+        return None, missing
     batch_rows = [i for i, _ in usable]
     metadata = runner.input_batch.sampling_metadata
     target = _processed_target_probs(logits, [plan.first_rows[i] for i in batch_rows],
                                      batch_rows, metadata)
     q_star = torch.stack([q for _, q in usable]).to(target.device)
     return hook.resample_plain_rows(target, q_star, batch_rows,
-                                    _generators_of(metadata, batch_rows), plan)
+                                    _generators_of(metadata, batch_rows), plan), missing
+
+
+def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, plan: hook.StepPlan,
+                           rows: tuple[int, ...], output: Any) -> PendingCorrection:
+    """Rows sampled where no proposal has seen the context: a sample of the processed p
+    (argmax for greedy rows), written into vLLM's tokens now and corrected to pi by the
+    proposal that follows (``first_token``)."""
+    metadata = runner.input_batch.sampling_metadata
+    batch_rows = list(rows)
+    logit_rows = [plan.first_rows[i] for i in rows]
+    target = _processed_target_probs(raw_logits, logit_rows, batch_rows, metadata)
+    generators = _generators_of(metadata, batch_rows)
+    tokens = hook.sample_from_probs(target, generators)
+    greedy = [j for j, i in enumerate(rows) if plan.rows[i].greedy]
+    if greedy:
+        index = hook.to_device(greedy, target.device)
+        tokens.index_copy_(0, index, target.index_select(0, index).argmax(dim=-1))
+    hook.write_first_slots(output.sampled_token_ids, batch_rows, tokens)
+    logprob_rows = tuple(j for j, i in enumerate(rows) if plan.rows[i].wants_logprobs_under_pi)
+    num_logprobs = metadata.max_num_logprobs
+    if output.logprobs_tensors is None or num_logprobs is None or num_logprobs < 0:
+        logprob_rows = ()
+    raw = None
+    if logprob_rows:
+        raw = raw_logits.index_select(0, hook.to_device(
+            [logit_rows[j] for j in logprob_rows], raw_logits.device)).float()
+    temperature = metadata.temperature
+    return PendingCorrection(
+        rows=rows, request_ids=tuple(plan.req_ids[i] for i in rows),
+        after=tuple(plan.layout[i] for i in rows),
+        alignments=tuple(plan.rows[i] for i in rows),
+        target_probs=target, tokens=tokens, generators=generators,
+        temperature=None if temperature is None else temperature.index_select(
+            0, hook.to_device(batch_rows, temperature.device)),
+        logprob_rows=logprob_rows, raw_logits=raw, num_logprobs=num_logprobs,
+        output=output, width=output.sampled_token_ids.shape[1])
 
 
 def _generators_of(metadata: Any, batch_rows: list[int]) -> dict[int, torch.Generator]:
@@ -422,7 +466,7 @@ def _wrap_sample(original):
         # request, the plain sampler's layout (vLLM 0.32's rejection sampler crashes on an
         # empty verification with top-k set).
         raw_logits = logits
-        if verified is None and (plan.plain or plan.wants_logprobs):
+        if verified is None and (plan.plain or plan.corrected or plan.wants_logprobs):
             # vLLM's plain sampler divides float32 logits by the temperature in place;
             # resampling from pi and logprobs need the raw target.
             logits = logits.clone()
@@ -433,14 +477,20 @@ def _wrap_sample(original):
         finally:
             _STEP_IN_PROGRESS.reset(token)
         sampled = output.sampled_token_ids
-        plain = _resample_plain_rows(self, raw_logits, plan)
+        plain, missing = _resample_plain_rows(self, raw_logits, plan)
         if plain is not None:
             hook.write_first_slots(sampled, plain.rows, plain.tokens)
-        from_p = [i for i in plan.sampled_here
-                  if i in plan.padded_rows and (plain is None or i not in plain.rows)]
+        corrected = plan.corrected + missing if self.speculative_config is not None else ()
+        from_p = [i for i in plan.sampled_here if i in plan.padded_rows and i not in corrected
+                  and (plain is None or i not in plain.rows)]
         hook.write_first_slots(sampled, from_p,
                                _sample_padded_rows_from_p(self, raw_logits, plan, from_p))
-        finalized = hook.finalize_step(sampled, raw_logits, plan, step.mixed, plain)
+        context.pending_correction = None
+        if corrected:
+            context.pending_correction = _sample_for_correction(
+                self, raw_logits, plan, corrected, output)
+        finalized = hook.finalize_step(sampled, raw_logits, plan, step.mixed, plain,
+                                       frozenset(corrected))
         if self.speculative_config is not None:
             context.next_drafts = next_drafts(plan)
         if output.logprobs_tensors is not None and plan.wants_logprobs:
@@ -513,6 +563,9 @@ def _wrap_sample_tokens(original):
         finally:
             self.input_batch.generators.update(held)
             context.scoring_capture = None  # hidden states live for one step only
+            if context.pending_correction is not None:  # no proposal ran this step
+                _report_uncorrected(context.pending_correction, context)
+                context.pending_correction = None
 
     sample_tokens.__kad_original__ = original
     return sample_tokens
@@ -659,14 +712,58 @@ def _wrap_propose_draft_token_ids(original):
         context.draft_pass = DraftPass(req_ids, context.next_drafts)
         scoring = {i: r for i, r in enumerate(req_ids)
                    if r in self.num_prompt_logprobs and context.scores(r)}
-        context.scoring_capture = HiddenStateCapture(scoring) if scoring else None
+        pending = context.pending_correction
+        points = {} if pending is None else pending.points
+        context.scoring_capture = HiddenStateCapture(scoring, points) \
+            if scoring or points else None
         try:
-            return original(self, *args, **kwargs)
+            drafts = original(self, *args, **kwargs)
         finally:
             context.draft_pass = None
+        if pending is not None and _apply_correction(self, context, pending):
+            # A corrected token changed: the drafts were made after the old one. The
+            # proposal runs again from the corrected tokens (vLLM's input ``args`` hold
+            # ``sampled_token_ids``, corrected in place), so every draft and q* the
+            # scheduler receives follows the tokens vLLM records.
+            context.draft_pass = DraftPass(req_ids, context.next_drafts)
+            context.scoring_capture = None
+            try:
+                drafts = original(self, *args, **kwargs)
+            finally:
+                context.draft_pass = None
+        return drafts
 
     propose_draft_token_ids.__kad_original__ = original
     return propose_draft_token_ids
+
+
+def _apply_correction(runner: Any, context: Any, pending: PendingCorrection) -> bool:
+    """The pending rows' tokens corrected to pi with the q* the drafter's first forward
+    gave at their sampled positions; True when a token changed (the drafts just made
+    after it are void)."""
+    context.pending_correction = None
+    capture = context.scoring_capture
+    hidden = None if capture is None else [capture.at_points.get(i) for i in pending.rows]
+    if hidden is None or any(h is None for h in hidden):
+        _report_uncorrected(pending, context)
+        return False
+    result = correct(pending, torch.stack(hidden), runner.drafter.model.compute_logits)
+    if result.degraded:
+        _report([hook.RowStepStats(r, 0, 0, 0, 0, 0.0, 0, degraded=1)
+                  for r in result.degraded], settings_of(runner.vllm_config))
+    return bool(result.changed)
+
+
+def _report_uncorrected(pending: PendingCorrection, context: Any) -> None:
+    """No drafter forward this step (vLLM skips the proposal past the draft's context
+    limit, which the engine's headroom prevents): the rows keep their sample of p,
+    reported as inexact."""
+    logger.error("no drafter forward for %s: their token is a sample of p (inexact)",
+                 list(pending.request_ids))
+    sender = context.sender_for(context.sender_endpoint)
+    if sender is not None and _is_stats_rank():
+        sender.send([hook.RowStepStats(r, 0, 0, -1, 0, 0.0, 0, inexact=1)
+                     for r in pending.request_ids])
 
 
 def _wrap_sample_from_logits(original):
