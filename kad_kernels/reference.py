@@ -87,6 +87,8 @@ class ReferenceDecoder:
         top_k: int | None = None,
         eos_token_id: int | None = None,
         repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> None:
         if rule not in TWO_MODEL_RULES:
             raise ValueError(f"the reference decoder serves the two-model rules, not {rule!r}")
@@ -99,6 +101,10 @@ class ReferenceDecoder:
         # On p only, before the temperature, over every token of the prefix (vLLM's
         # repetition penalty: prompt and output tokens); ``next_distributions`` only.
         self.repetition_penalty = repetition_penalty
+        # On p only, after the repetition penalty, over the generated tokens (OpenAI's and
+        # vLLM's presence and frequency penalties); ``next_distributions`` only.
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
 
     @classmethod
     def from_paths(cls, target: str | Path, draft: str | Path, rule: str, **kwargs) -> ReferenceDecoder:
@@ -124,8 +130,11 @@ class ReferenceDecoder:
         return self._p(target_logits), self._q(draft_logits)
 
     @torch.inference_mode()
-    def next_distributions(self, prefix_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(p, q*, pi)`` for the token after ``prefix_ids`` (no cache), float32 ``[V]``."""
+    def next_distributions(self, prefix_ids: list[int], generated: int = 0,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(p, q*, pi)`` for the token after ``prefix_ids`` (no cache), float32 ``[V]``;
+        the last ``generated`` tokens of the prefix are output (presence and frequency
+        penalties count those only)."""
         device = next(self.target.model.parameters()).device
         ids = torch.tensor([prefix_ids], device=device)
         target_logits = self.target.model(input_ids=ids).logits[0, -1].float()
@@ -135,6 +144,12 @@ class ReferenceDecoder:
             values = target_logits[seen]
             target_logits[seen] = torch.where(values > 0, values / self.repetition_penalty,
                                               values * self.repetition_penalty)
+        if generated and (self.presence_penalty or self.frequency_penalty):
+            output = torch.tensor(prefix_ids[len(prefix_ids) - generated:],
+                                  device=target_logits.device)
+            counts = torch.bincount(output, minlength=target_logits.shape[-1]).float()
+            target_logits -= self.frequency_penalty * counts
+            target_logits -= self.presence_penalty * (counts > 0).float()
         p, q_star = self._distributions(target_logits, draft_logits)
         return p.cpu(), q_star.cpu(), mix(p, q_star, self.rule, self.param).cpu()
 
@@ -169,7 +184,7 @@ class ReferenceDecoder:
         return scores
 
     def _no_penalty(self, what: str) -> None:
-        if self.repetition_penalty != 1.0:
+        if self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty:
             raise ValueError(f"{what} does not apply a repetition penalty; "
                              "use next_distributions")
 

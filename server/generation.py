@@ -119,6 +119,8 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
         ignore_eos=body.ignore_eos,
         logprobs=body.num_logprobs,
         repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
     )
 
 

@@ -34,14 +34,12 @@ from server.errors import APIError, clip
 # Fields that change semantics and are not implemented: a 400 naming the field.
 UNSUPPORTED_FIELDS = (
     "tools", "tool_choice", "functions", "function_call", "logit_bias",
-    "response_format", "best_of", "suffix", "presence_penalty",
-    "frequency_penalty", "min_tokens", "guided_json", "guided_regex",
+    "response_format", "best_of", "suffix", "min_tokens", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "structured_outputs", "audio", "modalities",
     "prediction", "parallel_tool_calls",
 )
 # Harmless when set to their "off" value (clients often send these defaults explicitly).
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
 "best_of": (None, 1), "suffix": (None, ""),
     "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False),
     "tools": (None, []), "tool_choice": (None, "none"),
@@ -69,7 +67,8 @@ INT64_MAX = 2**63 - 1
 MIN_REPETITION_PENALTY = 0.01
 # Clients (and OpenAI itself) treat an explicit null as "use the default".
 _NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "ignore_eos", "max_tokens",
-                       "logprobs", "top_logprobs", "echo", "repetition_penalty")
+                       "logprobs", "top_logprobs", "echo", "repetition_penalty",
+                       "presence_penalty", "frequency_penalty")
 
 
 def _valid_unicode(value: str) -> str:
@@ -116,6 +115,10 @@ class _Common(BaseModel):
     # positive) or multiplied by it, on p before mixing, as vLLM does for its target. Bounded
     # below where pi stays finite (MIN_REPETITION_PENALTY).
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=2.0, strict=True)
+    # OpenAI's: subtracted from p's logit of each token already generated (presence: once;
+    # frequency: per occurrence), before mixing, as vLLM applies them to its target.
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
     kad: AlignmentSettings | None = None
 
     @model_validator(mode="before")
@@ -132,10 +135,6 @@ class _Common(BaseModel):
         for name in UNSUPPORTED_FIELDS:
             if name in extra and extra[name] not in _OFF_VALUES.get(name, (None,)):
                 message = f"field '{name}' is not supported by this server"
-                if name in ("presence_penalty", "frequency_penalty"):
-                    message += ("; repetition_penalty is (the engine counts the prompt's last "
-                                "token among the outputs, which would penalise it as "
-                                "generated)")
                 if name == "response_format":
                     kind = extra[name].get("type") if isinstance(extra[name], dict) else None
                     what = f"type {clip(kind)!r}" if isinstance(kind, str) else "this value"

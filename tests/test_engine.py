@@ -309,3 +309,33 @@ def test_every_dashboard_query_reads_series_the_server_exports(tiny_engine, prom
     named = {name for panel in dashboard["panels"] for target in panel["targets"]
              for name in re.findall(r"([a-z_:]+)(?:\{|\[)", target["expr"])}
     assert named and named <= exported, named - exported
+
+
+def test_vllm_token_counters_agree_with_the_tokens_clients_are_billed(tiny_engine, prompt):
+    """vLLM's own prompt and generation counters on /metrics count what the requests'
+    usage counts: every prompt token once, every generated token once (no prompt token
+    is ever vLLM output), over 20 requests of varied prompts, lengths and rules."""
+    import time
+
+    registry = tiny_engine.engine.metrics_registry
+
+    def total(name: str) -> float:
+        return sum(sample.value for metric in registry.collect() for sample in metric.samples
+                   if sample.name == name)
+
+    names = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+    before = {name: total(name) for name in names}
+    rules = ["kad_dual", "confidence_bet", "aligned", "base"]
+    prompts = [prompt[:3 + i % 7] + prompt for i in range(20)]
+    results = tiny_engine.complete_many(
+        prompts,
+        [SamplingOptions(max_tokens=3 + i % 9, seed=i, temperature=0.0 if i % 5 == 0 else 1.0)
+         for i in range(20)],
+        [AlignmentSettings.paper_default(rules[i % 4]) for i in range(20)], timeout=600)
+    billed = {names[0]: sum(len(p) for p in prompts),
+              names[1]: sum(len(r.token_ids) for r in results)}
+    deadline = time.monotonic() + 10  # vLLM records its stats after the outputs go out
+    while time.monotonic() < deadline and any(
+            total(name) - before[name] != billed[name] for name in names):
+        time.sleep(0.1)
+    assert {name: total(name) - before[name] for name in names} == billed

@@ -234,3 +234,38 @@ def test_repetition_penalty_applies_to_p_before_mixing(production_engine, refere
     assert pooled_chi_square_pvalue(counts, pi, n) > 1e-3
     assert tv(counts, pi, n) < tv(counts, plain, n)
     assert pooled_chi_square_pvalue(counts, plain, n) < 1e-6
+
+
+def test_presence_and_frequency_penalties_apply_to_p_before_mixing_on_generated_tokens(
+        production_engine, reference_factory):
+    """frequency_penalty 2 and presence_penalty 1 subtract 3 from p's logit of a token
+    generated once (OpenAI's and vLLM's meaning), before mixing, at gamma 5: the second
+    token, given the most frequent first one, follows that pi, not the plain one. The
+    prompt's own tokens are not penalised (no prompt token is output)."""
+    prompt = production_engine.engine.tokenizer.encode(PROMPT_TEXT)
+    n = 2000
+    alignment = AlignmentSettings.paper_default("confidence_bet")
+    penalties = {"presence_penalty": 1.0, "frequency_penalty": 2.0}
+    results = production_engine.complete_many(
+        [prompt] * n,
+        [SamplingOptions(max_tokens=2, seed=400_000 + i, ignore_eos=True, temperature=0.8,
+                         **penalties) for i in range(n)],
+        [alignment] * n, timeout=1800,
+    )
+    penalised = reference_factory("confidence_bet", alignment.param, temperature=0.8,
+                                  **penalties)
+    plain = reference_factory("confidence_bet", alignment.param, temperature=0.8)
+    # The first token: nothing generated before it, so the plain pi.
+    _, _, first_pi = penalised.next_distributions(prompt)
+    firsts = Counter(r.token_ids[0] for r in results)
+    assert pooled_chi_square_pvalue(firsts, first_pi, n) > 1e-3
+    # The second, after the most frequent first token: that token's logit is penalised.
+    token, _ = firsts.most_common(1)[0]
+    seconds = Counter(r.token_ids[1] for r in results if r.token_ids[0] == token)
+    total = sum(seconds.values())
+    assert total >= 300
+    _, _, pi = penalised.next_distributions(prompt + [token], generated=1)
+    _, _, unpenalised = plain.next_distributions(prompt + [token])
+    assert 0.5 * float((pi - unpenalised).abs().sum()) > 0.1  # the penalty matters here
+    assert pooled_chi_square_pvalue(seconds, pi, total) > 1e-3
+    assert pooled_chi_square_pvalue(seconds, unpenalised, total) < 1e-6
