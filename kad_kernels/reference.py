@@ -131,10 +131,13 @@ class ReferenceDecoder:
 
     @torch.inference_mode()
     def next_distributions(self, prefix_ids: list[int], generated: int = 0,
+                           allowed: torch.Tensor | None = None,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(p, q*, pi)`` for the token after ``prefix_ids`` (no cache), float32 ``[V]``;
         the last ``generated`` tokens of the prefix are output (presence and frequency
-        penalties count those only)."""
+        penalties count those only). ``allowed`` ``[V]`` (bool): a constraint's tokens (a
+        grammar's mask): p is taken over them before mixing (as vLLM masks its logits),
+        and pi is masked to them after mixing and renormalised (q* is not masked)."""
         device = next(self.target.model.parameters()).device
         ids = torch.tensor([prefix_ids], device=device)
         target_logits = self.target.model(input_ids=ids).logits[0, -1].float()
@@ -150,8 +153,15 @@ class ReferenceDecoder:
             counts = torch.bincount(output, minlength=target_logits.shape[-1]).float()
             target_logits -= self.frequency_penalty * counts
             target_logits -= self.presence_penalty * (counts > 0).float()
+        if allowed is not None:
+            target_logits = target_logits.masked_fill(~allowed.to(target_logits.device),
+                                                      float("-inf"))
         p, q_star = self._distributions(target_logits, draft_logits)
-        return p.cpu(), q_star.cpu(), mix(p, q_star, self.rule, self.param).cpu()
+        pi = mix(p, q_star, self.rule, self.param)
+        if allowed is not None:
+            pi = pi * allowed.to(pi.device)
+            pi = pi / pi.sum()
+        return p.cpu(), q_star.cpu(), pi.cpu()
 
     @torch.inference_mode()
     def score_prompts(self, prompts: list[list[int]], batch_size: int = 8,

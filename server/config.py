@@ -48,6 +48,10 @@ class EngineSettings(_Strict):
     max_num_batched_tokens: int | None = Field(None, ge=1)
     enable_chunked_prefill: bool | None = None
     seed: int = 0
+    # JSON under response_format / structured_outputs without optional whitespace between
+    # tokens (vLLM's structured_outputs_config.disable_any_whitespace, engine-wide in vLLM
+    # 0.32): compact answers, and no model can spend its tokens on blank space.
+    json_compact: bool = False
 
 
 class ServerSettings(_Strict):

@@ -22,6 +22,7 @@ from server.alignment import AlignmentSettings
 from server.engine.interface import (
     Engine,
     GenerationChunk,
+    InvalidStructuredOutputError,
     RequestStats,
     SamplingOptions,
     TokenLogprob,
@@ -121,6 +122,7 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
         repetition_penalty=body.repetition_penalty,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        structured=body.structured_output(),
     )
 
 
@@ -145,6 +147,9 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
         choice_id = f"{request_id}-{index}"
         try:
             stream = engine.generate(choice_id, prompt, sampling, alignment)
+        except InvalidStructuredOutputError as exc:
+            raise APIError(400, clip(str(exc), MESSAGE_LIMIT), _constraint_field(body)) \
+                from exc
         except ValueError as exc:
             raise APIError(400, clip(str(exc), MESSAGE_LIMIT), "kad") from exc
         choice = Choice(index, choice_id, len(prompt), stream)
@@ -155,6 +160,10 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
     return Job(kind, request_id, body.model, alignment, choices, include_usage,
                [len(prompt) for prompt in prompts], num_logprobs=body.num_logprobs,
                tokenizer=engine.tokenizer)
+
+
+def _constraint_field(body: ChatCompletionRequest | CompletionRequest) -> str:
+    return "structured_outputs" if body.structured_outputs is not None else "response_format"
 
 
 def merged_stats(job: Job) -> dict[str, Any]:

@@ -29,13 +29,14 @@ from pydantic import (
 )
 
 from server.alignment import AlignmentSettings
+from server.engine.interface import STRUCTURED_KINDS, StructuredOutput
 from server.errors import APIError, clip
 
 # Fields that change semantics and are not implemented: a 400 naming the field.
 UNSUPPORTED_FIELDS = (
     "tools", "tool_choice", "functions", "function_call", "logit_bias",
-    "response_format", "best_of", "suffix", "min_tokens", "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar", "structured_outputs", "audio", "modalities",
+    "best_of", "suffix", "min_tokens", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "audio", "modalities",
     "prediction", "parallel_tool_calls",
 )
 # Harmless when set to their "off" value (clients often send these defaults explicitly).
@@ -43,7 +44,7 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
 "best_of": (None, 1), "suffix": (None, ""),
     "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False),
     "tools": (None, []), "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}), "min_tokens": (None, 0),
+    "min_tokens": (None, 0),
 }
 MAX_N = 16
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI and vLLM's default max_logprobs
@@ -85,6 +86,52 @@ def _list(item: Any, **constraints: Any) -> Any:
     return Annotated[list[item], Field(fail_fast=True, **constraints)]
 
 
+def _response_format_constraint(response_format: dict[str, Any] | None,
+                                ) -> StructuredOutput | None:
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind != "json_schema":
+        what = f"type {clip(kind)!r}" if isinstance(kind, str) else "a value without a type"
+        raise APIError(400, f"response_format {what} is not supported; it must be 'text', "
+                            "'json_object' or 'json_schema'", "response_format")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise APIError(400, "response_format json_schema needs a 'json_schema' object with a "
+                            "'name'", "response_format")
+    schema = spec.get("schema")
+    if schema is None:  # OpenAI: no schema, any JSON object
+        return StructuredOutput("json_object")
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format json_schema.schema must be a JSON object",
+                       "response_format")
+    return StructuredOutput("json", schema)
+
+
+def _structured_outputs_constraint(spec: dict[str, Any]) -> StructuredOutput:
+    unknown = sorted(set(spec) - set(STRUCTURED_KINDS))
+    if unknown:
+        raise APIError(400, f"structured_outputs has unsupported key {clip(unknown[0])!r}; "
+                            f"one of {', '.join(STRUCTURED_KINDS)} is expected",
+                       "structured_outputs")
+    kinds = [k for k in STRUCTURED_KINDS if spec.get(k) not in (None, False)]
+    if len(kinds) != 1:
+        raise APIError(400, "structured_outputs needs exactly one of "
+                            f"{', '.join(STRUCTURED_KINDS)}", "structured_outputs")
+    kind, value = kinds[0], spec[kinds[0]]
+    expected = {"json": (dict, str), "json_object": (bool,), "regex": (str,),
+                "choice": (list,), "grammar": (str,)}[kind]
+    if not isinstance(value, expected) or (
+            kind == "choice" and not (value and all(isinstance(c, str) for c in value))):
+        raise APIError(400, f"structured_outputs.{kind} has the wrong type",
+                       "structured_outputs")
+    return StructuredOutput(kind, value)
+
+
 TokenIds = _list(StrictInt)
 StopList = _list(StrictStr, max_length=MAX_STOP)
 ContentParts = _list(dict[str, Any])
@@ -119,6 +166,10 @@ class _Common(BaseModel):
     # frequency: per occurrence), before mixing, as vLLM applies them to its target.
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
+    # OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {...}} and
+    # vLLM's structured_outputs extension: checked by ``structured_output``.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     kad: AlignmentSettings | None = None
 
     @model_validator(mode="before")
@@ -135,12 +186,22 @@ class _Common(BaseModel):
         for name in UNSUPPORTED_FIELDS:
             if name in extra and extra[name] not in _OFF_VALUES.get(name, (None,)):
                 message = f"field '{name}' is not supported by this server"
-                if name == "response_format":
-                    kind = extra[name].get("type") if isinstance(extra[name], dict) else None
-                    what = f"type {clip(kind)!r}" if isinstance(kind, str) else "this value"
-                    message = (f"response_format {what} is not supported by this server; "
-                               "only {\"type\": \"text\"} (plain text) is")
+                if name.startswith("guided_"):
+                    message += "; use structured_outputs (vLLM's current name) instead"
                 raise APIError(400, message, name, "unsupported_field")
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The request's constraint on its text: ``response_format`` (OpenAI's
+        ``json_object`` / ``json_schema``) or vLLM's ``structured_outputs`` extension
+        (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``); 400 naming the
+        field when it is malformed or both are given."""
+        found = _response_format_constraint(self.response_format)
+        if self.structured_outputs is not None:
+            if found is not None:
+                raise APIError(400, "give either response_format or structured_outputs, "
+                                    "not both", "structured_outputs")
+            found = _structured_outputs_constraint(self.structured_outputs)
+        return found
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """400 naming ``top_k`` when it is larger than the vocabulary (``len`` of the served

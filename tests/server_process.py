@@ -19,17 +19,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 def launch(tiny_pair, directory: Path, port: int | None = None,
            max_model_len: int = 512, alignment: dict | None = None,
-           gamma: int = 3, server: dict | None = None) -> dict:
+           gamma: int = 3, server: dict | None = None, engine: dict | None = None) -> dict:
     """`python -m server` on the tiny pair, in a session of its own (so that a test can
-    signal its whole process group); its log goes to ``directory/server.log``. ``server``:
-    more ``server.*`` settings (e.g. ``max_waiting_requests``)."""
+    signal its whole process group); its log goes to ``directory/server.log``. ``server``
+    / ``engine``: more ``server.*`` / ``engine.*`` settings (e.g. ``max_waiting_requests``,
+    ``json_compact``)."""
     port = port or free_port()
     config = {
         "models": {"target": str(tiny_pair.target), "draft": str(tiny_pair.draft),
                    "served_model_name": "kad-tiny"},
         "engine": {"num_speculative_tokens": gamma, "dtype": "float32",
                    "max_model_len": max_model_len,
-                   "cpu_kv_cache_gib": 1, "max_num_seqs": 32, "enforce_eager": True},
+                   "cpu_kv_cache_gib": 1, "max_num_seqs": 32, "enforce_eager": True,
+                   **(engine or {})},
         "alignment": alignment or {"rule": "kad_dual", "lam": 0.4},
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_s": 20,
                    **(server or {})},

@@ -172,7 +172,7 @@ BAD_CHATS = [
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"a": 1}]},
      400, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-      "response_format": {"type": "json_object"}}, 400, "response_format"),
+      "response_format": {"type": "xml"}}, 400, "response_format"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
       "response_format": {"type": "json_schema", "json_schema": {}}}, 400, "response_format"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": "2"}, 400, "n"),

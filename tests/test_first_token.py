@@ -97,7 +97,7 @@ def test_correct_writes_tokens_and_log_pi_and_names_the_requests_whose_drafts_ar
         rows=(0, 2), request_ids=("a", "b"), after=(0, 0), alignments=rows,
         target_probs=target_probs, tokens=torch.tensor([3, 6]),
         generators={0: torch.Generator().manual_seed(1)}, temperature=temperature,
-        logprob_rows=(0,), raw_logits=raw_logits[:1], num_logprobs=2,
+        logprob_rows=(0,), raw_logits=raw_logits[:1], num_logprobs=2, forbidden=None,
         output=_Output(sampled, tensors), width=2)
     result = correct(pending, hidden, lambda h: h)
     q_star = (hidden / temperature.unsqueeze(-1)).softmax(-1)

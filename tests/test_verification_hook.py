@@ -102,6 +102,32 @@ def test_target_logits_become_pi_per_row_and_rule():
     assert mixed.draft_probs is q_star and mixed.inexact_rows == frozenset()
 
 
+def test_tokens_a_grammar_forbids_get_no_mass_in_pi_even_where_q_star_has_it():
+    """vLLM masks p's logits (-inf); mixing can move q*'s mass back onto a masked token,
+    so pi is masked after mixing and renormalised over the allowed tokens; a greedy row
+    takes the argmax of that masked pi (here q*'s favourite is forbidden)."""
+    gen = torch.Generator().manual_seed(3)
+    rows = [_row("kad_dual", 0.4), _row("aligned", greedy=True)]
+    logits = torch.randn(2, VOCAB, generator=gen)
+    forbidden = torch.zeros(2, VOCAB, dtype=torch.bool)
+    forbidden[:, :4] = True
+    logits.masked_fill_(forbidden, float("-inf"))
+    q_star = _probs(gen, 2)
+    q_star[:, 1] += 5.0  # q* prefers a forbidden token
+    q_star /= q_star.sum(-1, keepdim=True)
+    out = logits.clone()
+    mix_target_logits(out, q_star, _plan(rows, [1, 1]), forbidden=forbidden)
+    pi = torch.softmax(out, -1)
+    assert float(pi[:, :4].sum()) == 0.0
+    expected = mix(torch.softmax(logits[0], -1), q_star[0], "kad_dual", 0.4) * ~forbidden[0]
+    torch.testing.assert_close(pi[0], expected / expected.sum(), atol=1e-6, rtol=1e-5)
+    allowed_q = q_star[1] * ~forbidden[1]
+    assert int(pi[1].argmax()) == int(allowed_q.argmax()) and float(pi[1].max()) == 1.0
+    unmasked = logits.clone()
+    mix_target_logits(unmasked, q_star, _plan(rows, [1, 1]))
+    assert float(torch.softmax(unmasked, -1)[0, :4].sum()) > 0.1  # the mask matters here
+
+
 def test_greedy_rows_target_the_argmax_of_pi_not_p():
     # p prefers token 0; q* puts its mass on token 3 and everything of p is deferred.
     logits = torch.tensor([[5.0, 4.9] + [0.0] * (VOCAB - 2)])

@@ -395,3 +395,25 @@ def test_the_step_plan_lays_out_logits_as_vllms_own_spec_decode_metadata():
     for i, first in enumerate(plan.first_rows):
         assert targets[offsets[i]:offsets[i + 1]] == list(range(first, first + num_draft[i]))
     assert plan.offsets()[1:].tolist() == metadata.cu_num_draft_tokens.tolist()
+
+
+def test_a_kad_engine_keeps_the_first_grammar_invalid_draft_and_vllm_does_not():
+    """vLLM cuts a request's drafts at the first one its grammar rejects; a kad-serve
+    engine keeps that one draft (verification then rejects it with probability 1, as
+    speculative sampling over pi needs), and nothing after it; padding stays cut; an
+    engine without kad-serve's settings keeps upstream's answer."""
+    from types import SimpleNamespace
+
+    from server.engine.hook_settings import HookSettings
+    from server.engine.vllm_patches import _wrap_validate_tokens
+
+    def upstream(self, request, spec_tokens):
+        return [t for t in spec_tokens[:2] if t >= 0]  # "tokens 0 and 1 are valid"
+
+    wrapped = _wrap_validate_tokens(upstream)
+    kad = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=HookSettings()))
+    plain = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=None))
+    assert wrapped(kad, None, [5, 6, 7, 8]) == [5, 6, 7]
+    assert wrapped(plain, None, [5, 6, 7, 8]) == [5, 6]
+    assert wrapped(kad, None, [5, 6]) == [5, 6]
+    assert wrapped(kad, None, [5, -1, -1]) == [5]

@@ -48,6 +48,7 @@ class PendingCorrection:
     prefill; the scheduled drafts of a padded row); ``target_probs[j]`` the processed p
     the token was drawn from, ``tokens[j]`` that token; ``raw_logits`` the target's raw
     logits of the rows that report logprobs under pi (``logprob_rows`` index ``rows``);
+    ``forbidden`` the tokens a grammar forbids at each row (None: no constraint);
     ``output`` vLLM's ``SamplerOutput`` of the step (its tokens and logprobs are
     corrected in place); ``width`` its tokens' row width.
     """
@@ -62,6 +63,7 @@ class PendingCorrection:
     temperature: torch.Tensor | None
     logprob_rows: tuple[int, ...]
     raw_logits: torch.Tensor | None
+    forbidden: torch.Tensor | None  # [n, V] tokens a grammar forbids at each row
     num_logprobs: int | None
     output: Any
     width: int
@@ -95,7 +97,8 @@ def correct(pending: PendingCorrection, draft_hidden: torch.Tensor,
         pending.temperature.float().to(device)
     temperature = torch.where(temperature < _SAMPLING_EPS, 1.0, temperature)
     q_star = (logits / temperature.unsqueeze(-1)).softmax(dim=-1)
-    pi, bad = processed_pi(pending.target_probs, q_star, pending.alignments, owners)
+    pi, bad = processed_pi(pending.target_probs, q_star, pending.alignments, owners,
+                           pending.forbidden)
     greedy = torch.tensor([a.greedy for a in pending.alignments], device=device)
     tokens = correct_to_pi(pending.target_probs, pi, pending.tokens, greedy,
                            pending.generators)

@@ -122,6 +122,8 @@ class HookContext:
     # This step's rows sampled from p before any proposal saw their context, from
     # ``_sample`` to the proposal that corrects them to pi (``first_token``).
     pending_correction: PendingCorrection | None = None
+    # vLLM applied a grammar bitmask to this step's logits (``sample_tokens``).
+    step_constrained: bool = False
     sender: StatsSender | None = None
     sender_endpoint: str | None = None
     logged_degraded: bool = False

@@ -66,6 +66,27 @@ class RequestStats:
         }
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+class InvalidStructuredOutputError(ValueError):
+    """A constraint the engine's structured-output backend cannot compile (a 400)."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, in vLLM's ``StructuredOutputsParams`` terms:
+    ``kind`` ``json`` (``value``: a JSON schema), ``json_object`` (any JSON object),
+    ``regex``, ``choice`` (a list of strings) or ``grammar`` (EBNF). Enforced on pi."""
+
+    kind: str
+    value: Any = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"unknown structured output kind {self.kind!r}")
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """What one generation needs besides the prompt; temperature 0 means greedy argmax of pi."""
@@ -86,6 +107,8 @@ class SamplingOptions:
     # Also score the prompt: log pi of each prompt token given the ones before it (needs
     # ``logprobs``); ``max_tokens`` may then be 0.
     prompt_logprobs: bool = False
+    # The generated text must follow this constraint (applied to pi, after mixing).
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True)

@@ -113,8 +113,13 @@ def mix_rows(
     rule: str,
     param: torch.Tensor | None,
     greedy: torch.Tensor | None,
+    forbidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log pi, alpha [n], bad [n])`` for target logits ``[n, V]`` (overwritten) and q*.
+
+    ``forbidden`` ``[n, V]`` (bool): tokens a constraint forbids (a grammar's mask): they
+    are forbidden in pi too, after mixing (q* can carry mass onto a token p no longer has),
+    so pi is renormalised over the allowed tokens; greedy rows take the argmax of that pi.
 
     Peak memory: ``pi`` is the one new ``[n, V]`` tensor (``p`` lives in ``logits``), plus a
     boolean compare mask. A row with a non-finite ``p`` or ``q*`` (``bad``) gets ``log p``
@@ -132,6 +137,8 @@ def mix_rows(
     # itself non-finite becomes uniform (never NaN logits into vLLM's sampler).
     torch.where(bad, p, pi, out=pi)
     pi.nan_to_num_(nan=1.0, posinf=1.0)
+    if forbidden is not None:
+        pi.masked_fill_(forbidden, 0.0)
     alpha = torch.where(bad, 0.0, alpha).squeeze(-1)
     if greedy is not None:
         # Greedy-over-pi: a one-hot target at argmax(pi) on greedy rows, in place.
@@ -175,6 +182,7 @@ def mix_target_logits(
     draft_probs: torch.Tensor | None,
     plan: StepPlan,
     without_q: frozenset[int] = frozenset(),
+    forbidden: torch.Tensor | None = None,
 ) -> Mixed:
     """Turn ``target_logits`` into logits whose softmax is ``pi`` on every mixing row's
     draft positions (in place), and say what was found.
@@ -182,7 +190,9 @@ def mix_target_logits(
     ``target_logits`` ``[num_tokens, V]`` hold vLLM's float32 target after temperature/
     top-k/top-p (vLLM hands a fresh tensor that may be updated in place, and this does),
     ``draft_probs`` the draft's ``q*`` at the same positions, ``without_q`` the rows whose
-    drafts no stored proposal made. Rows of non-mixing requests and rows without ``q*`` are
+    drafts no stored proposal made, ``forbidden`` ``[num_tokens, V]`` the tokens a
+    constraint forbids at each position (None: none). Rows of non-mixing requests and rows
+    without ``q*`` are
     left as they are. Rows are grouped per rule, each group in chunks of at most half the
     batch, so the hook never holds more than two ``[num_tokens, V]`` float32 temporaries.
     """
@@ -213,7 +223,7 @@ def mix_target_logits(
     whole = len(named) == 1 and "" not in named
     for rule, tokens in rule_groups(rule_of_token, None if whole else max(1, num_tokens // 2)):
         _mix_into(target_logits, draft_probs, None if whole else tokens, rule, owners,
-                  rows, mixed)
+                  rows, mixed, forbidden)
     return mixed
 
 
@@ -231,7 +241,8 @@ def rule_groups(rule_of: Sequence[str] | np.ndarray,
 
 def _mix_into(target_logits: torch.Tensor, draft_probs: torch.Tensor,
               tokens: np.ndarray | None, rule: str, owners: np.ndarray,
-              rows: Sequence[RowAlignment | None], mixed: Mixed) -> None:
+              rows: Sequence[RowAlignment | None], mixed: Mixed,
+              forbidden: torch.Tensor | None = None) -> None:
     """Replace the rows ``tokens`` (None: all) of ``target_logits`` by ``log pi``, and
     write their alpha and degraded flags into ``mixed``'s tensors."""
     device = target_logits.device
@@ -239,14 +250,16 @@ def _mix_into(target_logits: torch.Tensor, draft_probs: torch.Tensor,
     param = _params(rows, selected, device)
     greedy = _greedy(rows, selected, device)
     if tokens is None:
-        log_pi, alpha, bad = mix_rows(target_logits, draft_probs, rule, param, greedy)
+        log_pi, alpha, bad = mix_rows(target_logits, draft_probs, rule, param, greedy,
+                                      forbidden)
         target_logits.copy_(log_pi)
         mixed.alpha.copy_(alpha)
         mixed.degraded.copy_(bad)
         return
     index = to_device(tokens, device)
-    log_pi, alpha, bad = mix_rows(target_logits.index_select(0, index),
-                                  draft_probs.index_select(0, index), rule, param, greedy)
+    log_pi, alpha, bad = mix_rows(
+        target_logits.index_select(0, index), draft_probs.index_select(0, index), rule,
+        param, greedy, None if forbidden is None else forbidden.index_select(0, index))
     target_logits.index_copy_(0, index, log_pi)
     mixed.alpha.index_copy_(0, index, alpha)
     mixed.degraded.index_copy_(0, index, bad)
@@ -264,19 +277,21 @@ def sample_from_probs(probs: torch.Tensor,
 
 def processed_pi(target_probs: torch.Tensor, q_star: torch.Tensor,
                  rows: Sequence[RowAlignment | None], owners: np.ndarray,
+                 forbidden: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pi [n, V] normalised, bad [n])`` from the processed target ``target_probs``
     (temperature, top-k/top-p) and the draft's ``q_star`` at the same positions: position
-    i mixes with the rule and parameter of batch row ``owners[i]``. A bad row (non-finite
-    p or q*) gets p."""
+    i mixes with the rule and parameter of batch row ``owners[i]``, and ``forbidden``
+    tokens (a grammar's mask) get no mass. A bad row (non-finite p or q*) gets p."""
     device = target_probs.device
     pi = torch.empty_like(target_probs, dtype=torch.float32)
     bad = torch.zeros(len(owners), dtype=torch.bool, device=device)
     for rule, group in rule_groups([rows[o].rule for o in owners]):
         index = to_device(group, device)
-        log_pi, _, group_bad = mix_rows(target_probs.index_select(0, index).float().log_(),
-                                        q_star.index_select(0, index), rule,
-                                        _params(rows, owners[group], device), None)
+        log_pi, _, group_bad = mix_rows(
+            target_probs.index_select(0, index).float().log_(), q_star.index_select(0, index),
+            rule, _params(rows, owners[group], device), None,
+            None if forbidden is None else forbidden.index_select(0, index))
         pi.index_copy_(0, index, log_pi.softmax(dim=-1))
         bad.index_copy_(0, index, group_bad)
     return pi, bad
@@ -288,6 +303,7 @@ def resample_plain_rows(
     batch_rows: Sequence[int],
     generators: dict[int, torch.Generator],
     plan: StepPlan,
+    forbidden: torch.Tensor | None = None,
 ) -> PlainSamples:
     """Rows with no drafts this step: their token sampled from ``pi`` instead of ``p``.
 
@@ -297,7 +313,7 @@ def resample_plain_rows(
     ``generators`` are keyed by j.
     """
     owners = np.asarray(batch_rows)
-    pi, bad = processed_pi(target_probs, q_star, plan.rows, owners)
+    pi, bad = processed_pi(target_probs, q_star, plan.rows, owners, forbidden)
     tokens = sample_from_probs(pi, generators)
     greedy = _greedy(plan.rows, owners, pi.device)
     if greedy is not None:
@@ -371,21 +387,25 @@ def log_pi_of(target_logits: torch.Tensor, q: torch.Tensor,
               rows: Sequence[RowAlignment | None], owners: np.ndarray) -> torch.Tensor:
     """``log pi`` ``[n, V]`` from the target's raw logits and the draft's unscaled
     distribution ``q`` (rows need not sum to 1): position i mixes with the rule and
-    parameter of batch row ``owners[i]``; a row with non-finite inputs gets ``log p``."""
+    parameter of batch row ``owners[i]``; a row with non-finite inputs gets ``log p``.
+    A token the raw logits exclude (``-inf``: a grammar's mask, applied by vLLM before
+    sampling; models themselves emit finite logits) is excluded from pi as well."""
     logits = target_logits.float()  # read only: each rule group mixes its own copy
+    forbidden = torch.isneginf(logits)
     groups = list(rule_groups([rows[o].rule for o in owners]))
     if len(groups) == 1 and len(groups[0][1]) == len(owners):
         # One rule at every position (a scored prompt, a uniform batch): mix in place of
         # one copy, with no gather of q* nor scatter of the result.
         rule, _ = groups[0]
         log_pi, _, _ = mix_rows(logits.clone(), q, rule,
-                                _params(rows, owners, logits.device), None)
+                                _params(rows, owners, logits.device), None, forbidden)
         return log_pi.log_softmax(dim=-1)
     out = torch.empty_like(logits)
     for rule, group in groups:
         index = to_device(group, logits.device)
         log_pi, _, _ = mix_rows(logits.index_select(0, index), q.index_select(0, index),
-                                rule, _params(rows, owners[group], logits.device), None)
+                                rule, _params(rows, owners[group], logits.device), None,
+                                forbidden.index_select(0, index))
         out.index_copy_(0, index, log_pi)
     return out.log_softmax(dim=-1)
 

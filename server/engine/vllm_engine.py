@@ -30,8 +30,10 @@ from server.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from server.engine.hook_settings import HookSettings
 from server.engine.interface import (
     GenerationChunk,
+    InvalidStructuredOutputError,
     RequestStats,
     SamplingOptions,
+    StructuredOutput,
     TokenLogprob,
 )
 from server.engine.preflight import PreflightResult, run_preflight
@@ -145,6 +147,10 @@ def _engine_args(config: ServeConfig, hook: HookSettings | None,
         # kad-serve never does.
         disable_log_stats=False,
         additional_config=hook or HookSettings(),
+        # Grammars compile with xgrammar, which ``structured_outputs`` validates against
+        # before a request reaches the engine (a 400, not a failed generation).
+        structured_outputs_config={"backend": "xgrammar",
+                                   "disable_any_whitespace": engine.json_compact},
         **scheduling,
     )
 
@@ -318,6 +324,8 @@ class VllmEngine:
             raise ValueError("the prompt must contain at least one token")
         if sampling.prompt_logprobs and sampling.logprobs is None:
             raise ValueError("scoring the prompt needs logprobs")
+        if sampling.structured is not None:
+            validate_structured_output(sampling.structured)
         return self._generate(request_id, prompt_token_ids, sampling, alignment, record=True)
 
     def _sampling_params(
@@ -351,6 +359,7 @@ class VllmEngine:
             frequency_penalty=sampling.frequency_penalty,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=structured_outputs_params(sampling.structured),
             extra_args={EXTRA_ARGS_KEY: kad},
         )
 
@@ -475,6 +484,30 @@ class VllmEngine:
             stats, drafted=stats.drafted - cut, accepted=stats.accepted - cut,
             emitted=min(stats.emitted, returned),
         )
+
+
+def structured_outputs_params(structured: StructuredOutput | None) -> Any:
+    """vLLM's ``StructuredOutputsParams`` for a constraint (None: unconstrained)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    value = True if structured.kind == "json_object" else structured.value
+    return StructuredOutputsParams(**{structured.kind: value})
+
+
+def validate_structured_output(structured: StructuredOutput) -> None:
+    """vLLM's own xgrammar validation of a constraint, before it reaches the engine:
+    raises ``InvalidStructuredOutputError`` with vLLM's reason."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+    try:
+        validate_xgrammar_grammar(SamplingParams(
+            structured_outputs=structured_outputs_params(structured)))
+    except (ValueError, TypeError, VLLMValidationError) as exc:
+        raise InvalidStructuredOutputError(str(exc) or type(exc).__name__) from exc
 
 
 def _token_logprobs(token_ids: list[int], positions: Any,

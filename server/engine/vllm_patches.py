@@ -36,6 +36,11 @@ body is copied or replaced (``PINNED_SOURCES``) and every vLLM attribute read
   scoring rows' hidden states of each proposal's first forward (``prompt_scoring``).
 * ``GPUModelRunner._get_prompt_logprobs_dict`` (wrapped): a scoring request's prompt
   logprobs are log pi, from both models' logits at every prompt position.
+* ``RejectionSampler.apply_logits_processors`` (wrapped): the tokens a grammar forbids at
+  the verified positions, which pi must forbid too (``mix_rows``'s ``forbidden``).
+* ``StructuredOutputManager.validate_tokens`` (wrapped, engine core): the first
+  grammar-invalid draft is kept, so verification rejects it (exact for probabilistic
+  drafts, which upstream's cut is not).
 * ``GPUModelRunner._dummy_sampler_run`` (wrapped): vLLM's memory profile also runs the hook.
 * ``gpu_worker.Worker._make_model_runner`` (wrapped): a worker of a kad-serve engine that
   built Model Runner V2 fails naming it.
@@ -118,6 +123,12 @@ PINNED_SIGNATURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "self", "target_token_ids", "next_token_ids", "target_positions",
         "target_hidden_states", "token_indices_to_sample", "cad", "num_rejected_tokens_gpu",
     ),
+    "vllm.v1.sample.rejection_sampler.RejectionSampler.apply_logits_processors": (
+        "self", "logits", "sampling_metadata", "metadata",
+    ),
+    "vllm.v1.structured_output.StructuredOutputManager.validate_tokens": (
+        "self", "request", "spec_tokens",
+    ),
 })
 
 # Called, not patched: the hook processes a zero-draft row's target as vLLM does, and
@@ -169,6 +180,13 @@ PINNED_SOURCES: Mapping[str, str] = MappingProxyType({
     # the drafter's layout: each request's target tokens, then appended slots
     "vllm.v1.spec_decode.llm_base_proposer.SpecDecodeBaseProposer.set_inputs_first_pass":
         "00e470090b7c3a35",
+    # wrapped: kad-serve keeps the first grammar-invalid draft it would cut
+    "vllm.v1.structured_output.StructuredOutputManager.validate_tokens": "0209afea4a3ed302",
+    # gives a kept invalid draft's position the last valid state's mask (so pi is 0 there)
+    "vllm.v1.structured_output.StructuredOutputManager.grammar_bitmask": "46f2867ad31aea09",
+    # processors (where constraints write -inf) run before temperature/top-k/top-p, then
+    # ``rejection_sample``
+    "vllm.v1.sample.rejection_sampler.RejectionSampler.forward": "c82e51bdd5a8dc3c",
 })
 
 # Every attribute of a vLLM object the patches read, by the class that owns it.
@@ -202,6 +220,7 @@ PINNED_ATTRIBUTES: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "logprob_token_ids", "logprobs", "selected_token_ranks",
     ),
     "vllm.v1.spec_decode.metadata.SpecDecodeMetadata": ("draft_token_ids", "num_draft_tokens"),
+    "vllm.v1.structured_output.StructuredOutputManager": ("vllm_config",),
 })
 
 
@@ -235,6 +254,11 @@ class StepInProgress:
     plan: hook.StepPlan
     without_q: frozenset[int] = frozenset()
     mixed: hook.Mixed | None = None
+    # A grammar constrains some row this step (vLLM applied its bitmask to the logits):
+    # ``forbidden`` is then the verified positions' mask, from the rejection sampler's
+    # processed target before temperature/top-k/top-p (``apply_logits_processors``).
+    constrained: bool = False
+    forbidden: torch.Tensor | None = None
 
 
 # The step ``_sample`` is running, for the module-level ``rejection_sample`` it calls (which
@@ -346,6 +370,7 @@ def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
 
 
 def _resample_plain_rows(runner: Any, logits: torch.Tensor, plan: hook.StepPlan,
+                         constrained: bool = False,
                          ) -> tuple[hook.PlainSamples | None, tuple[int, ...]]:
     """Rows with no drafts: sampled from pi with the q* of their last proposal. Returns
     the samples (None when no such row has a stored q*) and the rows without one (a
@@ -363,12 +388,26 @@ def _resample_plain_rows(runner: Any, logits: torch.Tensor, plan: hook.StepPlan,
     target = _processed_target_probs(logits, [plan.first_rows[i] for i in batch_rows],
                                      batch_rows, metadata)
     q_star = torch.stack([q for _, q in usable]).to(target.device)
+    forbidden = _grammar_mask(logits, [plan.first_rows[i] for i in batch_rows], constrained)
     return hook.resample_plain_rows(target, q_star, batch_rows,
-                                    _generators_of(metadata, batch_rows), plan), missing
+                                    _generators_of(metadata, batch_rows), plan,
+                                    forbidden), missing
+
+
+def _grammar_mask(raw_logits: torch.Tensor, logit_rows: list[int],
+                  constrained: bool) -> torch.Tensor | None:
+    """The tokens a grammar forbids at ``logit_rows``: vLLM writes its bitmask into the
+    step's logits as ``-inf`` before sampling (``apply_grammar_bitmask``), and a model's own
+    logits are finite. None when no row of the step is constrained."""
+    if not constrained:
+        return None
+    return torch.isneginf(raw_logits.index_select(
+        0, hook.to_device(logit_rows, raw_logits.device)))
 
 
 def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, plan: hook.StepPlan,
-                           rows: tuple[int, ...], output: Any) -> PendingCorrection:
+                           rows: tuple[int, ...], output: Any,
+                           constrained: bool = False) -> PendingCorrection:
     """Rows sampled where no proposal has seen the context: a sample of the processed p
     (argmax for greedy rows), written into vLLM's tokens now and corrected to pi by the
     proposal that follows (``first_token``)."""
@@ -400,6 +439,7 @@ def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, plan: hook.Ste
         temperature=None if temperature is None else temperature.index_select(
             0, hook.to_device(batch_rows, temperature.device)),
         logprob_rows=logprob_rows, raw_logits=raw, num_logprobs=num_logprobs,
+        forbidden=_grammar_mask(raw_logits, logit_rows, constrained),
         output=output, width=output.sampled_token_ids.shape[1])
 
 
@@ -470,14 +510,14 @@ def _wrap_sample(original):
             # vLLM's plain sampler divides float32 logits by the temperature in place;
             # resampling from pi and logprobs need the raw target.
             logits = logits.clone()
-        step = StepInProgress(plan)
+        step = StepInProgress(plan, constrained=context.step_constrained)
         token = _STEP_IN_PROGRESS.set(step)
         try:
             output = original(self, logits, verified)
         finally:
             _STEP_IN_PROGRESS.reset(token)
         sampled = output.sampled_token_ids
-        plain, missing = _resample_plain_rows(self, raw_logits, plan)
+        plain, missing = _resample_plain_rows(self, raw_logits, plan, step.constrained)
         if plain is not None:
             hook.write_first_slots(sampled, plain.rows, plain.tokens)
         corrected = plan.corrected + missing if self.speculative_config is not None else ()
@@ -488,7 +528,7 @@ def _wrap_sample(original):
         context.pending_correction = None
         if corrected:
             context.pending_correction = _sample_for_correction(
-                self, raw_logits, plan, corrected, output)
+                self, raw_logits, plan, corrected, output, step.constrained)
         finalized = hook.finalize_step(sampled, raw_logits, plan, step.mixed, plain,
                                        frozenset(corrected))
         if self.speculative_config is not None:
@@ -558,9 +598,11 @@ def _wrap_sample_tokens(original):
         if context is None:
             return original(self, grammar_output)
         held = _hold_out_discarded_generators(self)
+        context.step_constrained = grammar_output is not None
         try:
             return original(self, grammar_output)
         finally:
+            context.step_constrained = False
             self.input_batch.generators.update(held)
             context.scoring_capture = None  # hidden states live for one step only
             if context.pending_correction is not None:  # no proposal ran this step
@@ -621,7 +663,7 @@ def _wrap_rejection_sample(original):
         step = _STEP_IN_PROGRESS.get()
         if step is not None:
             step.mixed = hook.mix_target_logits(target_logits, draft_probs, step.plan,
-                                                step.without_q)
+                                                step.without_q, step.forbidden)
         return original(
             draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
             draft_probs, target_logits, bonus_token_ids, sampling_metadata,
@@ -632,6 +674,54 @@ def _wrap_rejection_sample(original):
 
     rejection_sample.__kad_original__ = original
     return rejection_sample
+
+
+def _wrap_apply_logits_processors(original):
+    def apply_logits_processors(self, logits, sampling_metadata, metadata):
+        """The verified positions' target after vLLM's processors (grammar bitmask, bad
+        words, min tokens, allowed ids) and before temperature/top-k/top-p: its ``-inf``
+        entries are the tokens a constraint forbids, which pi must forbid too (top-k/top-p
+        truncate p only, as before)."""
+        result = original(self, logits, sampling_metadata, metadata)
+        step = _STEP_IN_PROGRESS.get()
+        if step is not None and step.constrained:
+            step.forbidden = torch.isneginf(result)
+        return result
+
+    apply_logits_processors.__kad_original__ = original
+    return apply_logits_processors
+
+
+# vLLM's bitmask fill logs this (at error level) for a draft its grammar rejects; in a
+# kad-serve engine that draft is kept on purpose (``_wrap_validate_tokens``).
+_REJECTED_DRAFT_LOG = "Unexpected: grammar terminated or rejected draft token"
+
+
+class _RejectedDraftLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_REJECTED_DRAFT_LOG)
+
+
+def _wrap_validate_tokens(original):
+    def validate_tokens(self, request, spec_tokens):
+        """Upstream keeps the longest grammar-valid prefix of a request's drafts. That is
+        exact for one-hot (greedy) drafts, but a probabilistic draft cut *because* it is
+        invalid biases the position it leaves: the position is then sampled from pi
+        instead of the residual (pi - q)+ that rejecting it gives. A kad-serve engine keeps
+        the first invalid draft: vLLM's bitmask fill gives its position the mask of the
+        last valid state (``grammar_bitmask``), pi is 0 there, so verification rejects it
+        with probability 1 and samples the residual, as speculative sampling does."""
+        valid = original(self, request, spec_tokens)
+        if settings_of(self.vllm_config) is None or len(valid) >= len(spec_tokens) \
+                or spec_tokens[len(valid)] < 0:
+            return valid
+        structured_logger = logging.getLogger(type(self).__module__)
+        if not any(isinstance(f, _RejectedDraftLogFilter) for f in structured_logger.filters):
+            structured_logger.addFilter(_RejectedDraftLogFilter())
+        return [*valid, spec_tokens[len(valid)]]
+
+    validate_tokens.__kad_original__ = original
+    return validate_tokens
 
 
 def _wrap_dummy_sampler_run(original):
@@ -716,17 +806,27 @@ def _wrap_propose_draft_token_ids(original):
         points = {} if pending is None else pending.points
         context.scoring_capture = HiddenStateCapture(scoring, points) \
             if scoring or points else None
+        generators = self.input_batch.generators
+        seeded = {} if pending is None else {i: g.get_state() for i, g in generators.items()}
         try:
             drafts = original(self, *args, **kwargs)
         finally:
             context.draft_pass = None
-        if pending is not None and _apply_correction(self, context, pending):
+        changed = () if pending is None else _apply_correction(self, context, pending)
+        if changed:
             # A corrected token changed: the drafts were made after the old one. The
             # proposal runs again from the corrected tokens (vLLM's input ``args`` hold
             # ``sampled_token_ids``, corrected in place), so every draft and q* the
-            # scheduler receives follows the tokens vLLM records.
+            # scheduler receives follows the tokens vLLM records. A seeded request whose
+            # token stands redraws its drafts from the state its generator had before the
+            # first pass: the same drafts, and the same state after, whatever other rows
+            # of the batch did (a seed reproduces its text in any batch).
+            for i, state in seeded.items():
+                if req_ids[i] not in changed:
+                    generators[i].set_state(state)
+            # The capture keeps what the first pass's forward gave (scoring rows read it
+            # in the bookkeeping); the second pass's forward does not replace it.
             context.draft_pass = DraftPass(req_ids, context.next_drafts)
-            context.scoring_capture = None
             try:
                 drafts = original(self, *args, **kwargs)
             finally:
@@ -737,21 +837,22 @@ def _wrap_propose_draft_token_ids(original):
     return propose_draft_token_ids
 
 
-def _apply_correction(runner: Any, context: Any, pending: PendingCorrection) -> bool:
+def _apply_correction(runner: Any, context: Any, pending: PendingCorrection,
+                      ) -> tuple[str, ...]:
     """The pending rows' tokens corrected to pi with the q* the drafter's first forward
-    gave at their sampled positions; True when a token changed (the drafts just made
-    after it are void)."""
+    gave at their sampled positions; returns the requests whose token changed (the drafts
+    just made after it are void)."""
     context.pending_correction = None
     capture = context.scoring_capture
     hidden = None if capture is None else [capture.at_points.get(i) for i in pending.rows]
     if hidden is None or any(h is None for h in hidden):
         _report_uncorrected(pending, context)
-        return False
+        return ()
     result = correct(pending, torch.stack(hidden), runner.drafter.model.compute_logits)
     if result.degraded:
         _report([hook.RowStepStats(r, 0, 0, 0, 0, 0.0, 0, degraded=1)
                   for r in result.degraded], settings_of(runner.vllm_config))
-    return bool(result.changed)
+    return result.changed
 
 
 def _report_uncorrected(pending: PendingCorrection, context: Any) -> None:
@@ -895,6 +996,8 @@ def _prompt_logprobs_under_pi(runner: Any, hidden_states: torch.Tensor,
             # rather than log p under pi's name; the engine fails the request.
             logger.error("no drafter hidden states for scoring request %s", request_id)
             tensors.logprobs[chunk].fill_(float("nan"))
+            tensors.logprob_token_ids[chunk] = torch.as_tensor(
+                request.prompt_token_ids[start + 1:start + 1 + num_logits]).unsqueeze(-1)
             continue
         offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[request_id]])
         tokens = hook.to_device(request.prompt_token_ids[start + 1:start + 1 + num_logits],
@@ -958,6 +1061,12 @@ _REJECTION_PATCHES = MappingProxyType({
     "rejection_sample": _wrap_rejection_sample,
     "expand_batch_to_tokens": _torch_expand_batch_to_tokens,
 })
+_REJECTION_SAMPLER_PATCHES = MappingProxyType({
+    "apply_logits_processors": _wrap_apply_logits_processors,
+})
+_STRUCTURED_OUTPUT_PATCHES = MappingProxyType({
+    "validate_tokens": _wrap_validate_tokens,
+})
 _PROPOSER_PATCHES = MappingProxyType({
     "_sample_from_logits": _wrap_sample_from_logits,
     "load_model": _wrap_load_model,
@@ -969,6 +1078,7 @@ def _patch_targets() -> list[tuple[Any, str, dict[str, Any]]]:
     """``(owner, its dotted name, {attribute: wrapper})`` for every class/module patched."""
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer
+    from vllm.v1.structured_output import StructuredOutputManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
@@ -976,6 +1086,10 @@ def _patch_targets() -> list[tuple[Any, str, dict[str, Any]]]:
         (Worker, f"{Worker.__module__}.Worker", _WORKER_PATCHES),
         (GPUModelRunner, f"{GPUModelRunner.__module__}.GPUModelRunner", _RUNNER_PATCHES),
         (rejection_sampler, rejection_sampler.__name__, _REJECTION_PATCHES),
+        (rejection_sampler.RejectionSampler,
+         f"{rejection_sampler.__name__}.RejectionSampler", _REJECTION_SAMPLER_PATCHES),
+        (StructuredOutputManager, f"{StructuredOutputManager.__module__}.StructuredOutputManager",
+         _STRUCTURED_OUTPUT_PATCHES),
         (llm_base_proposer.SpecDecodeBaseProposer,
          f"{llm_base_proposer.__name__}.SpecDecodeBaseProposer", _PROPOSER_PATCHES),
     ]
