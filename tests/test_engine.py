@@ -339,3 +339,38 @@ def test_vllm_token_counters_agree_with_the_tokens_clients_are_billed(tiny_engin
             total(name) - before[name] != billed[name] for name in names):
         time.sleep(0.1)
     assert {name: total(name) - before[name] for name in names} == billed
+
+
+def test_a_seed_reproduces_beside_new_requests_whose_first_token_changes(tiny_engine, prompt):
+    """Seeded requests prefilled in one step with seven others (the engine core is frozen
+    while all eight are added): where another request's first token is corrected to a
+    different one, the proposal runs again; a seeded request whose own token stood must
+    draw the same drafts and leave its generator where it would have alone (its
+    correction's draws included), so its text equals its text alone."""
+    import threading
+    import time
+
+    import psutil
+
+    (core,) = [p for p in psutil.Process().children(recursive=True)
+               if "EngineCor" in p.name()]
+    tokenizer = tiny_engine.engine.tokenizer
+    others = [tokenizer.encode(f"Other request {i}: a different prompt") for i in range(7)]
+    alignment = AlignmentSettings.paper_default("kad_dual")
+    for seed in range(6):
+        seeded = SamplingOptions(max_tokens=24, seed=seed, temperature=1.0, ignore_eos=True)
+        alone = tiny_engine.complete_many([prompt], [seeded], [alignment], timeout=300)[0]
+        crowd: list = []
+        core.suspend()
+        try:
+            samplings = [seeded] + [SamplingOptions(max_tokens=24, temperature=1.0,
+                                                    ignore_eos=True)] * 7
+            worker = threading.Thread(target=lambda out=crowd, sent=samplings: out.extend(
+                tiny_engine.complete_many([prompt] + others, sent, [alignment] * 8,
+                                          timeout=300)))
+            worker.start()
+            time.sleep(1.0)  # all eight reach the frozen core's input queue
+        finally:
+            core.resume()
+        worker.join(timeout=300)
+        assert crowd[0].token_ids == alone.token_ids, seed

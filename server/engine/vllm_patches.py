@@ -819,11 +819,13 @@ def _wrap_propose_draft_token_ids(original):
             # ``sampled_token_ids``, corrected in place), so every draft and q* the
             # scheduler receives follows the tokens vLLM records. A seeded request whose
             # token stands redraws its drafts from the state its generator had before the
-            # first pass: the same drafts, and the same state after, whatever other rows
-            # of the batch did (a seed reproduces its text in any batch).
-            for i, state in seeded.items():
-                if req_ids[i] not in changed:
-                    generators[i].set_state(state)
+            # first pass (the same drafts), and its generator then resumes where the first
+            # pass and its own correction left it: the same draws as in a batch without a
+            # second pass (a seed reproduces its text in any batch).
+            settled = {i: generators[i].get_state() for i in seeded
+                       if req_ids[i] not in changed}
+            for i in settled:
+                generators[i].set_state(seeded[i])
             # The capture keeps what the first pass's forward gave (scoring rows read it
             # in the bookkeeping); the second pass's forward does not replace it.
             context.draft_pass = DraftPass(req_ids, context.next_drafts)
@@ -831,6 +833,8 @@ def _wrap_propose_draft_token_ids(original):
                 drafts = original(self, *args, **kwargs)
             finally:
                 context.draft_pass = None
+                for i, state in settled.items():
+                    generators[i].set_state(state)
         return drafts
 
     propose_draft_token_ids.__kad_original__ = original
