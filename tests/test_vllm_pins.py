@@ -417,3 +417,23 @@ def test_a_kad_engine_keeps_the_first_grammar_invalid_draft_and_vllm_does_not():
     assert wrapped(plain, None, [5, 6, 7, 8]) == [5, 6]
     assert wrapped(kad, None, [5, 6]) == [5, 6]
     assert wrapped(kad, None, [5, -1, -1]) == [5]
+
+
+def test_on_cuda_the_drafter_runs_between_sampling_and_bookkeeping(engine_config):
+    """A first token is corrected to pi after the drafter's first forward and before the
+    bookkeeping that records it (``first_token``). vLLM 0.32's ``sample_tokens`` runs the
+    drafter before ``_bookkeeping_sync`` only with the padded drafter batch (its default on
+    every platform); with ``disable_padded_drafter_batch`` it drafts after bookkeeping,
+    too late. kad-serve's engine pins the padded batch and synchronous scheduling."""
+    import inspect
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert engine_config.speculative_config.disable_padded_drafter_batch is False
+    assert engine_config.scheduler_config.async_scheduling is False
+    source = inspect.getsource(getattr(GPUModelRunner.sample_tokens, "__kad_original__",
+                                       GPUModelRunner.sample_tokens))
+    padded = source.index("and not spec_config.disable_padded_drafter_batch")
+    early = source.index("propose_draft_token_ids(sampled_token_ids)", padded)
+    assert early < source.index("self._bookkeeping_sync(") < source.index(
+        "if draft_after_bookkeeping:")

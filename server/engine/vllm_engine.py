@@ -99,6 +99,9 @@ def _engine_args(config: ServeConfig, hook: HookSettings | None,
         "model": config.models.draft,
         "num_speculative_tokens": engine.num_speculative_tokens,
         "draft_sample_method": "probabilistic",
+        # vLLM's default, pinned: the drafter then runs between sampling and bookkeeping,
+        # where the hook corrects a first token to pi (``first_token``).
+        "disable_padded_drafter_batch": False,
     }
     if engine.draft_tensor_parallel_size is not None:
         speculative["draft_tensor_parallel_size"] = engine.draft_tensor_parallel_size
