@@ -606,7 +606,8 @@ def _wrap_sample_tokens(original):
             self.input_batch.generators.update(held)
             context.scoring_capture = None  # hidden states live for one step only
             if context.pending_correction is not None:  # no proposal ran this step
-                _report_uncorrected(context.pending_correction, context)
+                _report_uncorrected(context.pending_correction,
+                                    settings_of(self.vllm_config))
                 context.pending_correction = None
 
     sample_tokens.__kad_original__ = original
@@ -850,7 +851,7 @@ def _apply_correction(runner: Any, context: Any, pending: PendingCorrection,
     capture = context.scoring_capture
     hidden = None if capture is None else [capture.at_points.get(i) for i in pending.rows]
     if hidden is None or any(h is None for h in hidden):
-        _report_uncorrected(pending, context)
+        _report_uncorrected(pending, settings_of(runner.vllm_config))
         return ()
     result = correct(pending, torch.stack(hidden), runner.drafter.model.compute_logits)
     if result.degraded:
@@ -859,16 +860,14 @@ def _apply_correction(runner: Any, context: Any, pending: PendingCorrection,
     return result.changed
 
 
-def _report_uncorrected(pending: PendingCorrection, context: Any) -> None:
+def _report_uncorrected(pending: PendingCorrection, settings: HookSettings) -> None:
     """No drafter forward this step (vLLM skips the proposal past the draft's context
     limit, which the engine's headroom prevents): the rows keep their sample of p,
     reported as inexact."""
     logger.error("no drafter forward for %s: their token is a sample of p (inexact)",
                  list(pending.request_ids))
-    sender = context.sender_for(context.sender_endpoint)
-    if sender is not None and _is_stats_rank():
-        sender.send([hook.RowStepStats(r, 0, 0, -1, 0, 0.0, 0, inexact=1)
-                     for r in pending.request_ids])
+    _report([hook.RowStepStats(r, 0, 0, -1, 0, 0.0, 0, inexact=1)
+             for r in pending.request_ids], settings)
 
 
 def _wrap_sample_from_logits(original):
