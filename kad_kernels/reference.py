@@ -89,6 +89,7 @@ class ReferenceDecoder:
         repetition_penalty: float = 1.0,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ) -> None:
         if rule not in TWO_MODEL_RULES:
             raise ValueError(f"the reference decoder serves the two-model rules, not {rule!r}")
@@ -105,6 +106,9 @@ class ReferenceDecoder:
         # vLLM's presence and frequency penalties); ``next_distributions`` only.
         self.presence_penalty = presence_penalty
         self.frequency_penalty = frequency_penalty
+        # Added to p's logits before the penalties (vLLM's order); -100 or below bans the
+        # token from p and pi (OpenAI's "ban"); ``next_distributions`` only.
+        self.logit_bias = dict(logit_bias or {})
 
     @classmethod
     def from_paths(cls, target: str | Path, draft: str | Path, rule: str, **kwargs) -> ReferenceDecoder:
@@ -142,6 +146,13 @@ class ReferenceDecoder:
         ids = torch.tensor([prefix_ids], device=device)
         target_logits = self.target.model(input_ids=ids).logits[0, -1].float()
         draft_logits = self.draft.model(input_ids=ids).logits[0, -1].float()
+        banned = [token for token, bias in self.logit_bias.items() if bias <= -100]
+        if banned:
+            kept = torch.ones_like(target_logits, dtype=torch.bool)
+            kept[banned] = False
+            allowed = kept if allowed is None else allowed.to(kept.device) & kept
+        for token, bias in self.logit_bias.items():
+            target_logits[token] += bias
         if self.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(prefix_ids)), device=target_logits.device)
             values = target_logits[seen]
@@ -194,8 +205,9 @@ class ReferenceDecoder:
         return scores
 
     def _no_penalty(self, what: str) -> None:
-        if self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty:
-            raise ValueError(f"{what} does not apply a repetition penalty; "
+        if (self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                or self.logit_bias):
+            raise ValueError(f"{what} does not apply penalties or biases; "
                              "use next_distributions")
 
     def _pick(self, pi: torch.Tensor, generator: torch.Generator | None) -> int:

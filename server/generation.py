@@ -22,6 +22,7 @@ from server.alignment import AlignmentSettings
 from server.engine.interface import (
     Engine,
     GenerationChunk,
+    InvalidSamplingFieldError,
     InvalidStructuredOutputError,
     RequestStats,
     SamplingOptions,
@@ -110,6 +111,9 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
         )
     if requested is None:  # not given: the endpoint's default, clamped to what remains
         requested = min(body.default_max_tokens or room, room)
+    if body.min_tokens > requested:  # vLLM's own check and words
+        raise APIError(400, f"min_tokens must be less than or equal to max_tokens="
+                            f"{requested}, got {body.min_tokens}.", "min_tokens")
     return SamplingOptions(
         max_tokens=requested,
         temperature=body.temperature,
@@ -122,6 +126,9 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
         repetition_penalty=body.repetition_penalty,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        logit_bias=tuple(sorted((body.logit_bias or {}).items())),
+        bad_words=tuple(body.bad_words or ()),
+        min_tokens=body.min_tokens,
         structured=body.structured_output(),
     )
 
@@ -129,8 +136,7 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
 def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
               prompts: list[list[int]], kind: str) -> Job:
     """Submit every choice to the engine (errors in the settings surface here as 400)."""
-    if body.top_k is not None and body.top_k > 0:
-        body.check_vocabulary(len(engine.tokenizer))
+    body.check_vocabulary(len(engine.tokenizer))
     alignment = body.kad or engine.default_alignment
     echo = isinstance(body, CompletionRequest) and body.echo
     prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
@@ -150,6 +156,8 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
         except InvalidStructuredOutputError as exc:
             raise APIError(400, clip(str(exc), MESSAGE_LIMIT), _constraint_field(body)) \
                 from exc
+        except InvalidSamplingFieldError as exc:
+            raise APIError(400, clip(str(exc), MESSAGE_LIMIT), exc.field) from exc
         except ValueError as exc:
             raise APIError(400, clip(str(exc), MESSAGE_LIMIT), "kad") from exc
         choice = Choice(index, choice_id, len(prompt), stream)

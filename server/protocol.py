@@ -34,21 +34,22 @@ from server.errors import APIError, clip
 
 # Fields that change semantics and are not implemented: a 400 naming the field.
 UNSUPPORTED_FIELDS = (
-    "tools", "tool_choice", "functions", "function_call", "logit_bias",
-    "best_of", "suffix", "min_tokens", "guided_json", "guided_regex",
+    "tools", "tool_choice", "functions", "function_call",
+    "best_of", "suffix", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "audio", "modalities",
     "prediction", "parallel_tool_calls",
 )
 # Harmless when set to their "off" value (clients often send these defaults explicitly).
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
 "best_of": (None, 1), "suffix": (None, ""),
-    "logit_bias": (None, {}), "parallel_tool_calls": (None, True, False),
+    "parallel_tool_calls": (None, True, False),
     "tools": (None, []), "tool_choice": (None, "none"),
-    "min_tokens": (None, 0),
 }
 MAX_N = 16
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI and vLLM's default max_logprobs
 MAX_STOP = 8
+MAX_LOGIT_BIAS = 300  # tokens in one logit_bias, as OpenAI takes
+MAX_BAD_WORDS = 128  # vLLM's VLLM_MAX_NUM_BAD_WORDS default bounds the tokenized variants
 MAX_MESSAGES = 8192
 # Integers a request hands to vLLM are bounded at int64's largest, the range of its tensors:
 # its requests reach the engine core as msgpack, which has no integer above 2**64 - 1 (a
@@ -69,7 +70,8 @@ MIN_REPETITION_PENALTY = 0.01
 # Clients (and OpenAI itself) treat an explicit null as "use the default".
 _NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "ignore_eos", "max_tokens",
                        "logprobs", "top_logprobs", "echo", "repetition_penalty",
-                       "presence_penalty", "frequency_penalty")
+                       "presence_penalty", "frequency_penalty", "logit_bias", "bad_words",
+                       "min_tokens")
 
 
 def _valid_unicode(value: str) -> str:
@@ -166,6 +168,15 @@ class _Common(BaseModel):
     # frequency: per occurrence), before mixing, as vLLM applies them to its target.
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
+    # OpenAI's {"token id": bias}: added to p's logits before mixing, as vLLM biases its
+    # target; a bias of -100 bans the token from pi itself. ``_logit_bias`` checks it.
+    logit_bias: dict[str, Any] | None = None
+    # vLLM extensions. bad_words: no output contains them (vLLM tokenizes each word with and
+    # without a leading space); min_tokens: end-of-text and stop strings are forbidden
+    # before this many tokens. Both forbid tokens in pi itself.
+    bad_words: _list(Annotated[StrictStr, Field(min_length=1)],
+                     max_length=MAX_BAD_WORDS) | None = None
+    min_tokens: StrictInt = Field(0, ge=0, le=INT64_MAX)
     # OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {...}} and
     # vLLM's structured_outputs extension: checked by ``structured_output``.
     response_format: dict[str, Any] | None = None
@@ -205,11 +216,37 @@ class _Common(BaseModel):
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """400 naming ``top_k`` when it is larger than the vocabulary (``len`` of the served
-        tokenizer): bounds that need the engine, checked before anything is submitted."""
+        tokenizer), or ``logit_bias`` when it names a token outside it: bounds that need
+        the engine, checked before anything is submitted."""
         if self.top_k is not None and self.top_k > vocab_size:
             raise APIError(400, f"invalid value for 'top_k': it must be at most the "
                                 f"vocabulary size {vocab_size} (0 or -1: no top-k), got "
                                 f"{self.top_k}", "top_k")
+        outside = sorted(token for token in self.logit_bias or {} if token >= vocab_size)
+        if outside:
+            raise APIError(400, f"token_id(s) {outside[:8]} in logit_bias contain "
+                                f"out-of-vocab token ids. Vocabulary size: {vocab_size}",
+                           "logit_bias")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, Any] | None) -> dict[int, float] | None:
+        """Token ids (decimal strings, as JSON keys are) to finite biases in [-100, 100]."""
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens can be biased, got {len(value)}")
+        biases: dict[int, float] = {}
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit()) or int(key) > INT64_MAX:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), "
+                                 f"got {clip(key)!r}")
+            if isinstance(bias, bool) or not isinstance(bias, int | float) \
+                    or not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} must be a number from -100 to "
+                                 f"100, got {clip(repr(bias))}")
+            biases[int(key)] = float(bias)
+        return biases
 
     @field_validator("model")
     @classmethod

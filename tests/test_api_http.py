@@ -81,8 +81,8 @@ def test_error_shape_and_kad_messages(served):
     assert "lam" in error["message"] and "[0" in error["message"]
 
     unsupported = httpx.post(f"{served[0]}/v1/completions", json={
-        "model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}).json()["error"]
-    assert (unsupported["param"], unsupported["code"]) == ("logit_bias", "unsupported_field")
+        "model": MODEL, "prompt": "x", "best_of": 2}).json()["error"]
+    assert (unsupported["param"], unsupported["code"]) == ("best_of", "unsupported_field")
     nested = httpx.post(f"{served[0]}/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "robot", "content": "x"}]}).json()["error"]
     assert nested["param"] == "messages.0.role" and "'user'" in nested["message"]
@@ -144,7 +144,17 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "base", "x": 1}}, 400, "kad"),
     ({"model": MODEL, "prompt": "x", "kad": "kad_dual"}, 400, "kad"),
     ({"model": MODEL, "prompt": "x", "kad": {"rule": "implicit_reward"}}, 400, "kad"),
-    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 100.5}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": "1"}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"-5": 1}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"hello": 1}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400,
+     "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": "x", "min_tokens": 9, "max_tokens": 8}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": "x", "bad_words": [""]}, 400, "bad_words"),
+    ({"model": MODEL, "prompt": "x", "bad_words": "word"}, 400, "bad_words"),
     ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "x", "logprobs": "3"}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "x", "logprobs": True}, 400, "logprobs"),

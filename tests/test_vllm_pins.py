@@ -69,9 +69,9 @@ def test_every_attribute_the_patches_read_is_pinned():
     source = Path(vllm_patches.__file__).read_text()
     pinned = {name for names in vllm_patches.PINNED_ATTRIBUTES.values() for name in names}
     receivers = r"(?:self|runner|input_batch|metadata|sampling_metadata|output|tensors" \
-                r"|spec_decode_metadata|state_of_request)"
+                r"|spec_decode_metadata|state_of_request|processor)"
     read = set(re.findall(rf"\b{receivers}\.([a-z_][a-z0-9_]*)\b(?!\()", source))
-    ours = {"speculative_config", "vllm_config"}
+    ours = {"speculative_config", "vllm_config", "processed"}  # StepInProgress's own
     assert read - pinned - ours == set()
 
 
@@ -95,7 +95,11 @@ def _fake_runner(additional_config):
 
     runner = SimpleNamespace(
         vllm_config=SimpleNamespace(additional_config=additional_config),
-        input_batch=SimpleNamespace(req_ids=["r"], spec_token_ids=[[4, 2]]),
+        input_batch=SimpleNamespace(
+            req_ids=["r"], spec_token_ids=[[4, 2]],
+            sampling_metadata=SimpleNamespace(  # nothing forbids a token
+                bad_words_token_ids={}, allowed_token_ids_mask=None,
+                logitsprocs=SimpleNamespace(non_argmax_invariant=[]))),
         requests={"r": request},
     )
     return runner, original, calls
@@ -437,3 +441,48 @@ def test_on_cuda_the_drafter_runs_between_sampling_and_bookkeeping(engine_config
     early = source.index("propose_draft_token_ids(sampled_token_ids)", padded)
     assert early < source.index("self._bookkeeping_sync(") < source.index(
         "if draft_after_bookkeeping:")
+
+
+def test_vllm_refuses_logit_bias_under_speculation_except_for_kad_requests():
+    """vLLM 0.32 refuses logit_bias (and min_p) with speculative decoding; a kad-serve
+    request (extra_args carry the hook's settings) keeps its bias, since the hook applies
+    it at the verified positions; min_p stays refused; other requests keep upstream's
+    answer."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from server.engine.vllm_patches import _wrap_validate_spec_decode
+
+    original = getattr(SamplingParams._validate_spec_decode, "__kad_original__",
+                       SamplingParams._validate_spec_decode)
+    check = _wrap_validate_spec_decode(original)
+    kad = {"kad": {"id": "r", "rule": "kad_dual"}}
+    speculative = object()  # any config: upstream only tests it against None
+    check(SamplingParams(logit_bias={5: -100}, extra_args=kad), speculative)
+    biased = SamplingParams(logit_bias={5: -100}, extra_args=kad)
+    check(biased, speculative)
+    assert biased.logit_bias == {5: -100}  # restored after the check
+    with pytest.raises(VLLMValidationError, match="logit_bias"):
+        check(SamplingParams(logit_bias={5: -100}), speculative)
+    with pytest.raises(VLLMValidationError, match="min_p"):
+        check(SamplingParams(min_p=0.1, logit_bias={5: 1.0}, extra_args=kad), speculative)
+
+
+def test_the_samplers_the_hook_wraps_are_the_runners_on_every_platform():
+    """CPU and CUDA build the same ``GPUModelRunner`` sampler (vLLM's ``Sampler``) and hand
+    it to the ``RejectionSampler`` for bonus tokens: the processed target the hook keeps
+    comes from the class it wraps. The CPU runner subclasses the CUDA one."""
+    import inspect
+
+    from vllm.v1.sample import sampler
+    from vllm.v1.worker import gpu_model_runner
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    assert gpu_model_runner.Sampler is sampler.Sampler
+    assert gpu_model_runner.RejectionSampler.__init__ is not None
+    source = inspect.getsource(gpu_model_runner.GPUModelRunner.__init__)
+    assert "self.sampler = Sampler(" in source
+    assert "RejectionSampler(\n                self.sampler," in source
+    assert issubclass(CPUModelRunner, gpu_model_runner.GPUModelRunner)
+    assert "sampler" not in inspect.getsource(CPUModelRunner.__init__).replace(
+        "super().__init__", "")

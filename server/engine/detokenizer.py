@@ -50,6 +50,9 @@ class IncrementalDetokenizer:
 
     tokenizer: Any
     stop: tuple[str, ...] = ()
+    # The text of the first ``min_tokens`` tokens is never searched for a stop string
+    # (vLLM's meaning of min_tokens: no stop before then).
+    min_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     stopped: bool = False
@@ -77,6 +80,7 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         decoded = ""
+        released = ""  # text before min_tokens is reached: out at once, never a stop
         for token_id in new_ids:
             self.token_ids.append(token_id)
             piece = self._step(token_id)
@@ -85,7 +89,11 @@ class IncrementalDetokenizer:
             else:
                 self._undecoded.clear()
                 decoded += piece
-        return self._apply_stop(decoded)
+            if len(self.token_ids) <= self.min_tokens:
+                released += self._pending + decoded
+                self._pending, decoded = "", ""
+        self.text += released
+        return released + self._apply_stop(decoded)
 
     def _apply_stop(self, decoded: str) -> str:
         candidate = self._pending + decoded

@@ -73,6 +73,14 @@ class InvalidStructuredOutputError(ValueError):
     """A constraint the engine's structured-output backend cannot compile (a 400)."""
 
 
+class InvalidSamplingFieldError(ValueError):
+    """A sampling field the engine's own validation refuses (a 400 naming ``field``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A constraint on the generated text, in vLLM's ``StructuredOutputsParams`` terms:
@@ -101,6 +109,11 @@ class SamplingOptions:
     repetition_penalty: float = 1.0  # on p before mixing, as vLLM applies it to its target
     presence_penalty: float = 0.0  # generated tokens only, on p before mixing
     frequency_penalty: float = 0.0  # per generated occurrence, on p before mixing
+    # {token id: bias} added to p's logits before mixing; a bias of -100 bans the token
+    # from pi itself (as everything below that forbids a token).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    bad_words: tuple[str, ...] = ()  # no output contains these words (forbidden in pi)
+    min_tokens: int = 0  # end-of-text (and stop strings) forbidden before this many tokens
     # Logprobs of each generated token under pi (unscaled), with this many top
     # alternatives (0: the token's own only); None: no logprobs.
     logprobs: int | None = None

@@ -50,6 +50,9 @@ from server.engine.step_plan import (  # noqa: F401 - re-exported names of the h
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: "no token at this position"
+# A logit_bias at or below it is a ban (OpenAI: "-100 should result in a ban"): the token is
+# forbidden in pi itself, as a grammar's are (a bias on p alone leaves q*'s mass on it).
+BAN_BIAS = -100.0
 _DEFERRED = 1e-6  # a position "deferred something" above float rounding of alpha
 
 

@@ -30,6 +30,7 @@ from server.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from server.engine.hook_settings import HookSettings
 from server.engine.interface import (
     GenerationChunk,
+    InvalidSamplingFieldError,
     InvalidStructuredOutputError,
     RequestStats,
     SamplingOptions,
@@ -220,6 +221,7 @@ class VllmEngine:
 
         self.metrics_registry = get_prometheus_registry()
         self._llm: Any = None
+        self._cached_tokenizer: Any = None
         self._receiver: StatsReceiver | None = None
         self._ready = False
         self._live: dict[str, RequestStats] = {}
@@ -312,6 +314,15 @@ class VllmEngine:
     def num_unfinished_requests(self) -> int:
         return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
 
+    def _vllm_tokenizer(self) -> Any:
+        """The served tokenizer as vLLM's own code takes it (``max_token_id`` and cached
+        properties), made once."""
+        if self._cached_tokenizer is None:
+            from vllm.tokenizers.hf import get_cached_tokenizer
+
+            self._cached_tokenizer = get_cached_tokenizer(self.tokenizer)
+        return self._cached_tokenizer
+
     # -- generation ------------------------------------------------------------------------
     def generate(
         self,
@@ -329,6 +340,8 @@ class VllmEngine:
             raise ValueError("scoring the prompt needs logprobs")
         if sampling.structured is not None:
             validate_structured_output(sampling.structured)
+        if sampling.bad_words:
+            validate_bad_words(sampling.bad_words, self._vllm_tokenizer())
         return self._generate(request_id, prompt_token_ids, sampling, alignment, record=True)
 
     def _sampling_params(
@@ -360,6 +373,9 @@ class VllmEngine:
             repetition_penalty=sampling.repetition_penalty,
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
+            logit_bias=dict(sampling.logit_bias) or None,
+            bad_words=list(sampling.bad_words) or None,
+            min_tokens=sampling.min_tokens,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=structured_outputs_params(sampling.structured),
@@ -427,7 +443,8 @@ class VllmEngine:
         params = self._sampling_params(request_id, sampling, alignment)
         self._live[request_id] = RequestStats()
         self._updated[request_id] = asyncio.Event()
-        detok = IncrementalDetokenizer(self.tokenizer, tuple(sampling.stop))
+        detok = IncrementalDetokenizer(self.tokenizer, tuple(sampling.stop),
+                                       sampling.min_tokens)
         generated = 0  # tokens vLLM produced for this request
         finish_reason: str | None = None
         finished_cleanly = False
@@ -511,6 +528,19 @@ def validate_structured_output(structured: StructuredOutput) -> None:
             structured_outputs=structured_outputs_params(structured)))
     except (ValueError, TypeError, VLLMValidationError) as exc:
         raise InvalidStructuredOutputError(str(exc) or type(exc).__name__) from exc
+
+
+def validate_bad_words(words: tuple[str, ...], tokenizer: Any) -> None:
+    """vLLM's own tokenization of ``bad_words`` (each word with and without a leading
+    space), before the request reaches the engine: a word that encodes to no token, or
+    more words than vLLM takes, is ``InvalidSamplingFieldError`` with vLLM's reason."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        SamplingParams(bad_words=list(words)).update_from_tokenizer(tokenizer)
+    except (ValueError, VLLMValidationError) as exc:
+        raise InvalidSamplingFieldError("bad_words", str(exc)) from exc
 
 
 def _token_logprobs(token_ids: list[int], positions: Any,

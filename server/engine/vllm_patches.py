@@ -36,8 +36,18 @@ body is copied or replaced (``PINNED_SOURCES``) and every vLLM attribute read
   scoring rows' hidden states of each proposal's first forward (``prompt_scoring``).
 * ``GPUModelRunner._get_prompt_logprobs_dict`` (wrapped): a scoring request's prompt
   logprobs are log pi, from both models' logits at every prompt position.
-* ``RejectionSampler.apply_logits_processors`` (wrapped): the tokens a grammar forbids at
-  the verified positions, which pi must forbid too (``mix_rows``'s ``forbidden``).
+* ``RejectionSampler.apply_logits_processors`` (wrapped): adds the logit biases vLLM 0.32
+  leaves out at the verified positions, and reads the tokens a constraint forbids there
+  (a grammar's mask, bad words, min tokens, a -100 bias: ``-inf``), which pi must forbid
+  too (``mix_rows``'s ``forbidden``).
+* ``gpu_model_runner.build_logitsprocs`` (wrapped): a kad-serve engine's batch has vLLM's
+  logit-bias processor under speculative decoding too (upstream builds only min tokens).
+* ``SamplingParams._validate_spec_decode`` (wrapped, API process): a kad-serve request's
+  ``logit_bias`` is not refused under speculative decoding (the hook applies it at the
+  verified positions); ``min_p`` still is.
+* ``Sampler.apply_logits_processors`` (wrapped): the processed target (vLLM's penalties,
+  biases and bans) of the rows the hook samples again from pi or corrects is kept, so the
+  hook's p is the one vLLM sampled, not a copy of vLLM's processing.
 * ``StructuredOutputManager.validate_tokens`` (wrapped, engine core): the first
   grammar-invalid draft is kept, so verification rejects it (exact for probabilistic
   drafts, which upstream's cut is not).
@@ -62,7 +72,7 @@ import pkgutil
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -129,6 +139,15 @@ PINNED_SIGNATURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "vllm.v1.structured_output.StructuredOutputManager.validate_tokens": (
         "self", "request", "spec_tokens",
     ),
+    "vllm.v1.sample.sampler.Sampler.apply_logits_processors": (
+        "self", "logits", "sampling_metadata", "predict_bonus_token",
+    ),
+    "vllm.sampling_params.SamplingParams._validate_spec_decode": (
+        "self", "speculative_config",
+    ),
+    "vllm.v1.worker.gpu_model_runner.build_logitsprocs": (
+        "vllm_config", "device", "is_pin_memory", "is_pooling_model", "custom_logitsprocs",
+    ),
 })
 
 # Called, not patched: the hook processes a zero-draft row's target as vLLM does, and
@@ -139,10 +158,12 @@ CALLED_SIGNATURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     ),
     "vllm.v1.spec_decode.llm_base_proposer.sample_with_exponential_noise": ("probs", "q"),
     "vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p": ("logits", "k", "p"),
-    "vllm.v1.sample.ops.penalties.apply_all_penalties": (
-        "logits", "prompt_token_ids", "presence_penalties", "frequency_penalties",
-        "repetition_penalties", "output_token_ids",
+    "vllm.v1.sample.logits_processor.builtin.LogitBiasLogitsProcessor.__init__": (
+        "self", "_", "device", "is_pin_memory",
     ),
+    # vllm_engine.validate_bad_words: vLLM's own tokenization of bad words
+    "vllm.tokenizers.hf.get_cached_tokenizer": ("tokenizer",),
+    "vllm.sampling_params.SamplingParams.update_from_tokenizer": ("self", "tokenizer"),
 })
 
 
@@ -187,6 +208,15 @@ PINNED_SOURCES: Mapping[str, str] = MappingProxyType({
     # processors (where constraints write -inf) run before temperature/top-k/top-p, then
     # ``rejection_sample``
     "vllm.v1.sample.rejection_sampler.RejectionSampler.forward": "c82e51bdd5a8dc3c",
+    # applies no logit bias at the verified positions (``_apply_logit_bias`` adds it)
+    "vllm.v1.sample.rejection_sampler.RejectionSampler.apply_logits_processors":
+        "1dd9c879c443dd4b",
+    # processors run before ``sample`` (temperature, top-k/top-p), bias in place
+    "vllm.v1.sample.sampler.Sampler.forward": "586fe802add4fd74",
+    # refuses logit_bias and min_p under speculative decoding (wrapped: not the bias)
+    "vllm.sampling_params.SamplingParams._validate_spec_decode": "13f2065aad2612ad",
+    # builds only the min-tokens processor under speculative decoding (wrapped: + bias)
+    "vllm.v1.worker.gpu_model_runner.build_logitsprocs": "82609dd72304afee",
 })
 
 # Every attribute of a vLLM object the patches read, by the class that owns it.
@@ -214,13 +244,18 @@ PINNED_ATTRIBUTES: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "temperature", "all_greedy", "all_random", "top_p", "top_k", "generators",
         "max_num_logprobs", "no_penalties", "prompt_token_ids", "frequency_penalties",
         "presence_penalties", "repetition_penalties", "output_token_ids",
+        "bad_words_token_ids", "allowed_token_ids_mask", "logitsprocs",
     ),
+    "vllm.v1.sample.logits_processor.state.LogitsProcessors": ("non_argmax_invariant",),
     "vllm.v1.outputs.SamplerOutput": ("sampled_token_ids", "logprobs_tensors"),
     "vllm.v1.outputs.LogprobsTensors": (
         "logprob_token_ids", "logprobs", "selected_token_ranks",
     ),
     "vllm.v1.spec_decode.metadata.SpecDecodeMetadata": ("draft_token_ids", "num_draft_tokens"),
     "vllm.v1.structured_output.StructuredOutputManager": ("vllm_config",),
+    "vllm.v1.sample.logits_processor.builtin.LogitBiasLogitsProcessor": ("biases",),
+    "vllm.sampling_params.SamplingParams": ("logit_bias", "extra_args"),
+    "vllm.v1.sample.logits_processor.builtin.MinTokensLogitsProcessor": ("min_toks",),
 })
 
 
@@ -259,6 +294,26 @@ class StepInProgress:
     # processed target before temperature/top-k/top-p (``apply_logits_processors``).
     constrained: bool = False
     forbidden: torch.Tensor | None = None
+    # The processed target (every vLLM logits processor applied: penalties, biases, bans,
+    # min tokens, a grammar's mask; before temperature) at the one position of each row of
+    # ``plan.sampled_here``, kept from vLLM's own samplers as they run: batch row -> [V].
+    processed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def keep_processed(self, logits: torch.Tensor, logit_rows: list[int],
+                       batch_rows: list[int]) -> None:
+        """Keep rows ``logit_rows`` of vLLM's processed ``logits`` for ``batch_rows`` (a
+        copy: vLLM then divides the tensor by the temperature in place)."""
+        if batch_rows:
+            kept = logits.index_select(0, hook.to_device(logit_rows, logits.device))
+            self.processed.update(zip(batch_rows, kept.unbind(0)))
+
+    def processed_rows(self, batch_rows: list[int]) -> torch.Tensor:
+        """``[len(batch_rows), V]`` the kept processed target of ``batch_rows``."""
+        missing = [i for i in batch_rows if i not in self.processed]
+        if missing:
+            raise RuntimeError(f"no processed target was kept for batch rows {missing}: "
+                               "vLLM's samplers ran in an order the hook does not know")
+        return torch.stack([self.processed[i] for i in batch_rows])
 
 
 # The step ``_sample`` is running, for the module-level ``rejection_sample`` it calls (which
@@ -343,24 +398,15 @@ def _is_stats_rank() -> bool:
         return True
 
 
-def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
-                            batch_rows: list[int], metadata: Any) -> torch.Tensor:
-    """The target ``p`` at rows ``logit_rows`` of ``logits`` (those of batch rows
-    ``batch_rows``) after each request's penalties, temperature, top-k and top-p, as vLLM's
-    samplers process their target."""
-    from vllm.v1.sample.ops.penalties import apply_all_penalties
+def _processed_target_probs(step: StepInProgress, batch_rows: list[int],
+                            metadata: Any) -> torch.Tensor:
+    """The target ``p`` of ``batch_rows`` at their one sampled position, as vLLM's sampler
+    samples it: vLLM's processed logits (kept by ``StepInProgress.keep_processed``) after
+    each request's temperature, top-k and top-p."""
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
-    device = logits.device
-    x = logits.index_select(0, hook.to_device(logit_rows, device)).float()
-    index = hook.to_device(batch_rows, device)
-    if not metadata.no_penalties:
-        x = apply_all_penalties(
-            x, metadata.prompt_token_ids.index_select(0, index),
-            metadata.presence_penalties.index_select(0, index),
-            metadata.frequency_penalties.index_select(0, index),
-            metadata.repetition_penalties.index_select(0, index),
-            [metadata.output_token_ids[i] for i in batch_rows])
+    x = step.processed_rows(batch_rows)
+    index = hook.to_device(batch_rows, x.device)
     if metadata.temperature is not None:
         temperature = metadata.temperature.index_select(0, index)
         x.div_(torch.where(temperature < 1e-5, 1.0, temperature).unsqueeze(-1))
@@ -369,12 +415,21 @@ def _processed_target_probs(logits: torch.Tensor, logit_rows: list[int],
     return apply_top_k_top_p(x, top_k, top_p).softmax(dim=-1)
 
 
-def _resample_plain_rows(runner: Any, logits: torch.Tensor, plan: hook.StepPlan,
-                         constrained: bool = False,
+def _forbidden_of(step: StepInProgress, batch_rows: list[int]) -> torch.Tensor | None:
+    """The tokens a constraint forbids at ``batch_rows``' sampled position (``-inf`` in
+    vLLM's processed logits: a grammar's mask, bad words, min tokens, a -100 bias); None
+    when no row of the step is constrained."""
+    if not step.constrained:
+        return None
+    return torch.isneginf(step.processed_rows(batch_rows))
+
+
+def _resample_plain_rows(runner: Any, step: StepInProgress,
                          ) -> tuple[hook.PlainSamples | None, tuple[int, ...]]:
     """Rows with no drafts: sampled from pi with the q* of their last proposal. Returns
     the samples (None when no such row has a stored q*) and the rows without one (a
     request resumed after preemption), which are corrected like a first token."""
+    plan = step.plan
     if not plan.plain:
         return None, ()
     q_rows = context_of(runner.vllm_config).draft_probs.take_first_rows(
@@ -385,36 +440,23 @@ def _resample_plain_rows(runner: Any, logits: torch.Tensor, plan: hook.StepPlan,
         return None, missing
     batch_rows = [i for i, _ in usable]
     metadata = runner.input_batch.sampling_metadata
-    target = _processed_target_probs(logits, [plan.first_rows[i] for i in batch_rows],
-                                     batch_rows, metadata)
+    target = _processed_target_probs(step, batch_rows, metadata)
     q_star = torch.stack([q for _, q in usable]).to(target.device)
-    forbidden = _grammar_mask(logits, [plan.first_rows[i] for i in batch_rows], constrained)
     return hook.resample_plain_rows(target, q_star, batch_rows,
                                     _generators_of(metadata, batch_rows), plan,
-                                    forbidden), missing
+                                    _forbidden_of(step, batch_rows)), missing
 
 
-def _grammar_mask(raw_logits: torch.Tensor, logit_rows: list[int],
-                  constrained: bool) -> torch.Tensor | None:
-    """The tokens a grammar forbids at ``logit_rows``: vLLM writes its bitmask into the
-    step's logits as ``-inf`` before sampling (``apply_grammar_bitmask``), and a model's own
-    logits are finite. None when no row of the step is constrained."""
-    if not constrained:
-        return None
-    return torch.isneginf(raw_logits.index_select(
-        0, hook.to_device(logit_rows, raw_logits.device)))
-
-
-def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, plan: hook.StepPlan,
-                           rows: tuple[int, ...], output: Any,
-                           constrained: bool = False) -> PendingCorrection:
+def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, step: StepInProgress,
+                           rows: tuple[int, ...], output: Any) -> PendingCorrection:
     """Rows sampled where no proposal has seen the context: a sample of the processed p
     (argmax for greedy rows), written into vLLM's tokens now and corrected to pi by the
     proposal that follows (``first_token``)."""
+    plan = step.plan
     metadata = runner.input_batch.sampling_metadata
     batch_rows = list(rows)
     logit_rows = [plan.first_rows[i] for i in rows]
-    target = _processed_target_probs(raw_logits, logit_rows, batch_rows, metadata)
+    target = _processed_target_probs(step, batch_rows, metadata)
     generators = _generators_of(metadata, batch_rows)
     tokens = hook.sample_from_probs(target, generators)
     greedy = [j for j, i in enumerate(rows) if plan.rows[i].greedy]
@@ -439,7 +481,7 @@ def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, plan: hook.Ste
         temperature=None if temperature is None else temperature.index_select(
             0, hook.to_device(batch_rows, temperature.device)),
         logprob_rows=logprob_rows, raw_logits=raw, num_logprobs=num_logprobs,
-        forbidden=_grammar_mask(raw_logits, logit_rows, constrained),
+        forbidden=_forbidden_of(step, batch_rows),
         output=output, width=output.sampled_token_ids.shape[1])
 
 
@@ -449,7 +491,7 @@ def _generators_of(metadata: Any, batch_rows: list[int]) -> dict[int, torch.Gene
             if i in metadata.generators}
 
 
-def _sample_padded_rows_from_p(runner: Any, logits: torch.Tensor, plan: hook.StepPlan,
+def _sample_padded_rows_from_p(runner: Any, step: StepInProgress,
                                rows: list[int]) -> torch.Tensor:
     """Padded rows with no q* to mix with: their one token is a sample of the processed p
     at their first position (vLLM's CPU kernel may accept a ``-1`` draft and leave that
@@ -457,8 +499,7 @@ def _sample_padded_rows_from_p(runner: Any, logits: torch.Tensor, plan: hook.Ste
     if not rows:
         return torch.zeros(0, dtype=torch.long)
     metadata = runner.input_batch.sampling_metadata
-    target = _processed_target_probs(logits, [plan.first_rows[i] for i in rows], rows,
-                                     metadata)
+    target = _processed_target_probs(step, rows, metadata)
     return hook.sample_from_probs(target, _generators_of(metadata, rows))
 
 
@@ -510,25 +551,26 @@ def _wrap_sample(original):
             # vLLM's plain sampler divides float32 logits by the temperature in place;
             # resampling from pi and logprobs need the raw target.
             logits = logits.clone()
-        step = StepInProgress(plan, constrained=context.step_constrained)
+        step = StepInProgress(plan, constrained=context.step_constrained or _may_forbid(
+            self.input_batch.sampling_metadata))
         token = _STEP_IN_PROGRESS.set(step)
         try:
             output = original(self, logits, verified)
         finally:
             _STEP_IN_PROGRESS.reset(token)
         sampled = output.sampled_token_ids
-        plain, missing = _resample_plain_rows(self, raw_logits, plan, step.constrained)
+        plain, missing = _resample_plain_rows(self, step)
         if plain is not None:
             hook.write_first_slots(sampled, plain.rows, plain.tokens)
         corrected = plan.corrected + missing if self.speculative_config is not None else ()
         from_p = [i for i in plan.sampled_here if i in plan.padded_rows and i not in corrected
                   and (plain is None or i not in plain.rows)]
         hook.write_first_slots(sampled, from_p,
-                               _sample_padded_rows_from_p(self, raw_logits, plan, from_p))
+                               _sample_padded_rows_from_p(self, step, from_p))
         context.pending_correction = None
         if corrected:
             context.pending_correction = _sample_for_correction(
-                self, raw_logits, plan, corrected, output, step.constrained)
+                self, raw_logits, step, corrected, output)
         finalized = hook.finalize_step(sampled, raw_logits, plan, step.mixed, plain,
                                        frozenset(corrected))
         if self.speculative_config is not None:
@@ -677,16 +719,145 @@ def _wrap_rejection_sample(original):
     return rejection_sample
 
 
+def _logit_bias_processor(metadata: Any) -> Any:
+    """vLLM's logit-bias processor of the batch (None: no request has a bias)."""
+    from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor
+
+    for processor in metadata.logitsprocs.non_argmax_invariant:
+        if isinstance(processor, LogitBiasLogitsProcessor) and processor.biases:
+            return processor
+    return None
+
+
+def _may_forbid(metadata: Any) -> bool:
+    """Whether a logits processor may forbid a token (write ``-inf``) for some row this
+    step: bad words, an allowed-token list, min tokens not yet reached, a bias of -100.
+    (A grammar's mask is known from ``sample_tokens``' grammar output.)"""
+    from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
+
+    if metadata.bad_words_token_ids or metadata.allowed_token_ids_mask is not None:
+        return True
+    if any(isinstance(processor, MinTokensLogitsProcessor) and processor.min_toks
+           for processor in metadata.logitsprocs.non_argmax_invariant):
+        return True
+    biases = _logit_bias_processor(metadata)
+    return biases is not None and any(
+        bias <= hook.BAN_BIAS for row in biases.biases.values() for bias in row.values())
+
+
+def _apply_logit_bias(logits: torch.Tensor, metadata: Any,
+                      positions: list[int] | None) -> None:
+    """vLLM's logit biases on ``logits`` (in place) with a bias of -100 or below made a
+    ban (``-inf``, so pi forbids the token too: ``hook.BAN_BIAS``). ``positions[i]``:
+    how many rows of ``logits`` batch row ``i`` owns, request-major (the verified draft
+    positions, where vLLM 0.32's rejection sampler applies no bias: every position gets
+    its request's biases); None: one row per request, already biased by vLLM's sampler
+    (only the bans are written)."""
+    processor = _logit_bias_processor(metadata)
+    if processor is None:
+        return
+    starts = (np.arange(logits.shape[0]) if positions is None
+              else hook.draft_offsets(positions))
+    rows: list[int] = []
+    tokens: list[int] = []
+    values: list[float] = []
+    for row, biases in processor.biases.items():
+        if positions is not None and row >= len(positions):
+            continue
+        count = 1 if positions is None else positions[row]
+        for token, bias in biases.items():
+            if positions is None and bias > hook.BAN_BIAS:
+                continue  # already added by vLLM's sampler
+            value = float("-inf") if bias <= hook.BAN_BIAS else bias
+            for j in range(count):
+                rows.append(int(starts[row]) + j)
+                tokens.append(token)
+                values.append(value)
+    if rows:
+        device = logits.device
+        logits.index_put_((hook.to_device(rows, device, torch.long),
+                           hook.to_device(tokens, device, torch.long)),
+                          hook.to_device(values, device, logits.dtype), accumulate=True)
+
+
 def _wrap_apply_logits_processors(original):
     def apply_logits_processors(self, logits, sampling_metadata, metadata):
-        """The verified positions' target after vLLM's processors (grammar bitmask, bad
-        words, min tokens, allowed ids) and before temperature/top-k/top-p: its ``-inf``
-        entries are the tokens a constraint forbids, which pi must forbid too (top-k/top-p
-        truncate p only, as before)."""
+        """The verified positions' target after vLLM's processors (penalties, bad words,
+        min tokens, allowed ids; a grammar's mask is already in the logits) and before
+        temperature/top-k/top-p, plus the logit biases vLLM 0.32 leaves out here. Its
+        ``-inf`` entries are the tokens a constraint forbids, which pi must forbid too
+        (top-k/top-p truncate p only, as before); a padded row's first position is kept
+        for sampling it from p."""
         result = original(self, logits, sampling_metadata, metadata)
         step = _STEP_IN_PROGRESS.get()
-        if step is not None and step.constrained:
-            step.forbidden = torch.isneginf(result)
+        if step is not None:
+            plan = step.plan
+            _apply_logit_bias(result, sampling_metadata, list(plan.layout))
+            padded = [i for i in plan.sampled_here if plan.layout[i] > 0]
+            offsets = plan.offsets()
+            step.keep_processed(result, [int(offsets[i]) for i in padded], padded)
+            if step.constrained:
+                step.forbidden = torch.isneginf(result)
+        return result
+
+    apply_logits_processors.__kad_original__ = original
+    return apply_logits_processors
+
+
+def _wrap_build_logitsprocs(original):
+    def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model,
+                          custom_logitsprocs=()):
+        """vLLM 0.32 builds only the min-tokens processor under speculative decoding
+        (its rejection sampler cannot bias verified positions); a kad-serve engine gets
+        vLLM's logit-bias processor too, whose biases the hook applies at the verified
+        positions (``_apply_logit_bias``) and vLLM's sampler at the others."""
+        built = original(vllm_config, device, is_pin_memory, is_pooling_model,
+                         custom_logitsprocs)
+        if settings_of(vllm_config) is None or vllm_config.speculative_config is None:
+            return built
+        from vllm.v1.sample.logits_processor import LogitsProcessors
+        from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor
+
+        if any(isinstance(processor, LogitBiasLogitsProcessor) for processor in built.all):
+            return built
+        return LogitsProcessors([*built.all, LogitBiasLogitsProcessor(
+            vllm_config, device, is_pin_memory)])
+
+    build_logitsprocs.__kad_original__ = original
+    return build_logitsprocs
+
+
+def _wrap_validate_spec_decode(original):
+    def _validate_spec_decode(self, speculative_config):
+        """vLLM refuses ``logit_bias`` under speculative decoding because its rejection
+        sampler leaves the bias out at verified positions. For a kad-serve request (its
+        ``extra_args`` carry the hook's settings) the hook adds it there
+        (``_apply_logit_bias``), so vLLM's check runs without the bias: ``min_p`` is still
+        refused, as upstream."""
+        if not (self.logit_bias and (self.extra_args or {}).get(hook.EXTRA_ARGS_KEY)):
+            return original(self, speculative_config)
+        bias, self.logit_bias = self.logit_bias, None
+        try:
+            return original(self, speculative_config)
+        finally:
+            self.logit_bias = bias
+
+    _validate_spec_decode.__kad_original__ = original
+    return _validate_spec_decode
+
+
+def _wrap_sampler_apply_logits_processors(original):
+    def apply_logits_processors(self, logits, sampling_metadata, predict_bonus_token):
+        """vLLM's processed logits of the rows it samples from p itself (one per request:
+        the plain sampler, or the bonus positions), with a -100 bias made a ban; the
+        rows the hook samples again from pi or corrects (``plan.sampled_here`` without
+        draft slots) are kept, so the hook's p is the one vLLM sampled."""
+        result = original(self, logits, sampling_metadata, predict_bonus_token)
+        step = _STEP_IN_PROGRESS.get()
+        if step is not None:
+            _apply_logit_bias(result, sampling_metadata, None)
+            rows = [i for i in step.plan.sampled_here if step.plan.layout[i] == 0]
+            step.keep_processed(result, rows, rows)
         return result
 
     apply_logits_processors.__kad_original__ = original
@@ -1067,6 +1238,15 @@ _REJECTION_PATCHES = MappingProxyType({
 _REJECTION_SAMPLER_PATCHES = MappingProxyType({
     "apply_logits_processors": _wrap_apply_logits_processors,
 })
+_SAMPLER_PATCHES = MappingProxyType({
+    "apply_logits_processors": _wrap_sampler_apply_logits_processors,
+})
+_RUNNER_MODULE_PATCHES = MappingProxyType({
+    "build_logitsprocs": _wrap_build_logitsprocs,
+})
+_SAMPLING_PARAMS_PATCHES = MappingProxyType({
+    "_validate_spec_decode": _wrap_validate_spec_decode,
+})
 _STRUCTURED_OUTPUT_PATCHES = MappingProxyType({
     "validate_tokens": _wrap_validate_tokens,
 })
@@ -1079,18 +1259,24 @@ _PROPOSER_PATCHES = MappingProxyType({
 
 def _patch_targets() -> list[tuple[Any, str, dict[str, Any]]]:
     """``(owner, its dotted name, {attribute: wrapper})`` for every class/module patched."""
-    from vllm.v1.sample import rejection_sampler
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.sample import rejection_sampler, sampler
     from vllm.v1.spec_decode import llm_base_proposer
     from vllm.v1.structured_output import StructuredOutputManager
+    from vllm.v1.worker import gpu_model_runner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
     return [
+        (gpu_model_runner, gpu_model_runner.__name__, _RUNNER_MODULE_PATCHES),
         (Worker, f"{Worker.__module__}.Worker", _WORKER_PATCHES),
         (GPUModelRunner, f"{GPUModelRunner.__module__}.GPUModelRunner", _RUNNER_PATCHES),
         (rejection_sampler, rejection_sampler.__name__, _REJECTION_PATCHES),
         (rejection_sampler.RejectionSampler,
          f"{rejection_sampler.__name__}.RejectionSampler", _REJECTION_SAMPLER_PATCHES),
+        (sampler.Sampler, f"{sampler.__name__}.Sampler", _SAMPLER_PATCHES),
+        (SamplingParams, f"{SamplingParams.__module__}.SamplingParams",
+         _SAMPLING_PARAMS_PATCHES),
         (StructuredOutputManager, f"{StructuredOutputManager.__module__}.StructuredOutputManager",
          _STRUCTURED_OUTPUT_PATCHES),
         (llm_base_proposer.SpecDecodeBaseProposer,
