@@ -15,6 +15,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -33,6 +34,7 @@ from server.prompts import encode_chat, encode_text, render_messages, surely_too
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.tokenizer_endpoints import ROUTES as TOKENIZER_ROUTES
 from server.tokenizer_endpoints import add_tokenizer_routes
+from server.tool_calls import check_parser_configured
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,8 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
 def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine) -> FastAPI:
     """The app; ``engine_factory`` lets tests serve a fake engine through the same code."""
     engine = engine_factory(config)
+    if config.models.chat_template is not None:  # the config's template replaces the model's
+        engine.tokenizer.chat_template = Path(config.models.chat_template).read_text()
     state = ServerState(config, engine)
 
     @asynccontextmanager
@@ -213,7 +217,8 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
     async def run_job(body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
                       kind: str, endpoint: str, request: Request) -> Any:
         state.admission.check(len(prompts) * body.n)
-        job = generation.start_job(engine, body, prompts, kind)
+        job = generation.start_job(engine, body, prompts, kind,
+                                   tool_parser=config.server.tool_call_parser)
         state.admission.add(job)  # no await since check(): the bound holds
         if body.stream:
             events = generation.stream(job, state.metrics, endpoint)
@@ -263,6 +268,7 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = build_engine
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         body.reject_unsupported()
+        check_parser_configured(body.tools_request(), config.server.tool_call_parser)
         require_ready()
         check_model(body.model)
         state.admission.check_size(body.n, "n")
@@ -292,7 +298,9 @@ def _over_context(engine: Engine, chars: int, param: str) -> APIError | None:
 def _chat_prompt(body: ChatCompletionRequest, engine: Engine) -> list[int]:
     """The aligned model's chat template; the base model sees the same token ids. Message
     content is text: special-token strings in it do not become control tokens."""
-    chat = render_messages(engine.tokenizer, body.messages)
+    tools = body.tools_request()
+    chat = render_messages(engine.tokenizer, body.messages,
+                           tools=tools.tools if tools is not None else None)
     error = _over_context(engine, chat.chars, "messages")
     if error is not None:
         raise error

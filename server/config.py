@@ -27,6 +27,8 @@ class ModelPair(_Strict):
     served_model_name: str = "kad"
     # The aligned model's tokenizer owns the chat template; the base model sees the same ids.
     tokenizer: str | None = None
+    # A Jinja chat template file that replaces the tokenizer's (e.g. one that renders tools).
+    chat_template: str | None = None
 
 
 class EngineSettings(_Strict):
@@ -87,6 +89,19 @@ class ServerSettings(_Strict):
     max_tokenize_chars: int = Field(2**20, ge=1, description="characters per /tokenize")
     max_tokenize_tokens: int = Field(2**18, ge=1,
                                      description="tokens per /tokenize or /detokenize")
+    # vLLM's tool-call parser (its --tool-call-parser) for tool_choice "auto": extracts the
+    # calls from what the model wrote ("hermes" for Qwen2.5 / Qwen3). None: "auto" with
+    # tools is a 400; "required" and a named function need no parser (a JSON grammar).
+    tool_call_parser: str | None = None
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from server.tool_calls import check_parser_name
+
+        return check_parser_name(value)
 
     @field_validator("api_key")
     @classmethod
@@ -157,5 +172,9 @@ def _resolve_paths(config: ServeConfig, base: Path) -> ServeConfig:
         "target": resolve(config.models.target),
         "draft": resolve(config.models.draft),
         "tokenizer": resolve(config.models.tokenizer),
+        "chat_template": resolve(config.models.chat_template),
     })
+    template = models.chat_template
+    if template is not None and not Path(template).is_file():
+        raise ConfigError(f"models.chat_template: no such file {template}")
     return config.model_copy(update={"models": models})

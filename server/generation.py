@@ -32,6 +32,7 @@ from server.errors import MESSAGE_LIMIT, APIError, clip, error_body, failure_mes
 from server.logprobs_format import chat_logprobs, completion_logprobs
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.tool_calls import ToolCallReader
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Choice:
     prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs: the prompt's
     echo_ids: list[int] = field(default_factory=list)  # the prompt, returned first (echo)
     text_offset: int = 0  # completions logprobs: where the next token's text starts
+    tools: ToolCallReader | None = None  # chat with tools: reads the calls off the text
+    called: bool = False  # a tool call was streamed
 
 
 @dataclass(eq=False)  # identity semantics: admission control keeps jobs in a set
@@ -134,14 +137,16 @@ def plan_sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: i
 
 
 def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
-              prompts: list[list[int]], kind: str) -> Job:
-    """Submit every choice to the engine (errors in the settings surface here as 400)."""
+              prompts: list[list[int]], kind: str, tool_parser: str | None = None) -> Job:
+    """Submit every choice to the engine (errors in the settings surface here as 400);
+    ``tool_parser``: the config's vLLM tool-call parser, for ``tool_choice`` "auto"."""
     body.check_vocabulary(len(engine.tokenizer))
     alignment = body.kad or engine.default_alignment
     echo = isinstance(body, CompletionRequest) and body.echo
     prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     choices = []
+    tools = body.tools_request() if isinstance(body, ChatCompletionRequest) else None
     plans = [
         (p_index * body.n + i, prompt, plan_sampling(body, len(prompt), engine.max_model_len, i))
         for p_index, prompt in enumerate(prompts) for i in range(body.n)
@@ -161,6 +166,8 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
         except ValueError as exc:
             raise APIError(400, clip(str(exc), MESSAGE_LIMIT), "kad") from exc
         choice = Choice(index, choice_id, len(prompt), stream)
+        if tools is not None:
+            choice.tools = ToolCallReader(tools, tool_parser, engine.tokenizer)
         if echo:
             choice.echo_ids = list(prompt)
         choices.append(choice)
@@ -171,6 +178,9 @@ def start_job(engine: Engine, body: ChatCompletionRequest | CompletionRequest,
 
 
 def _constraint_field(body: ChatCompletionRequest | CompletionRequest) -> str:
+    if isinstance(body, ChatCompletionRequest) and body.tools_request() is not None \
+            and body.tools_request().choice in ("required", "named"):
+        return "tools"
     return "structured_outputs" if body.structured_outputs is not None else "response_format"
 
 
@@ -268,6 +278,13 @@ async def complete(job: Job, metrics: ServerMetrics, endpoint: str) -> dict[str,
                                  "logprobs": _logprobs(job, choice, entries)}
         if job.kind == "chat.completion":
             entry["message"] = {"role": "assistant", "content": choice.text}
+            if choice.tools is not None and choice.tools.parses:
+                content, calls = choice.tools.message(choice.text)
+                entry["message"] = {"role": "assistant", "content": content}
+                if calls:  # OpenAI leaves the key out when there are none
+                    entry["message"]["tool_calls"] = calls
+                entry["finish_reason"] = choice.tools.finish_reason(choice.finish_reason,
+                                                                    bool(calls))
         else:
             entry["text"] = _echo_text(job, choice) + choice.text
         choices.append(entry)
@@ -293,6 +310,18 @@ def _logprobs(job: Job, choice: Choice, entries: list[TokenLogprob]) -> dict[str
         return chat_logprobs(entries, token_text, job.num_logprobs)
     body, choice.text_offset = completion_logprobs(entries, token_text, choice.text_offset)
     return body
+
+
+def _merge(delta: dict[str, Any] | None, last: dict[str, Any] | None,
+           ) -> dict[str, Any] | None:
+    """Two deltas as one (the last piece of a stream and the parser's flushed arguments)."""
+    if not last:
+        return delta
+    if not delta:
+        return last
+    merged = dict(delta)
+    merged["tool_calls"] = delta.get("tool_calls", []) + last["tool_calls"]
+    return merged
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -329,6 +358,20 @@ async def stream(job: Job, metrics: ServerMetrics, endpoint: str) -> AsyncIterat
                                       chunk.prompt_logprobs))
             # A token whose text is still held back (an incomplete character) still sends
             # its logprobs.
+            reader = choice.tools
+            if reader is not None and reader.parses:
+                delta = reader.delta(chunk.text, chunk.token_ids) if (
+                    chunk.text or chunk.token_ids) else None
+                if chunk.finished:
+                    delta = _merge(delta, reader.flush())
+                if delta or (want_logprobs and chunk.token_ids):
+                    choice.called |= "tool_calls" in (delta or {})
+                    yield _sse(chunk_body(choice, delta or {}, None,
+                                          chunk.logprobs or [] if want_logprobs else None))
+                if chunk.finished:
+                    yield _sse(chunk_body(choice, {}, reader.finish_reason(
+                        chunk.finish_reason, choice.called)))
+                continue
             if chunk.text or (want_logprobs and chunk.token_ids):
                 delta = {"content": chunk.text} if chat else chunk.text
                 yield _sse(chunk_body(choice, delta, None,

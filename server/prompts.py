@@ -21,7 +21,7 @@ import re
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -103,21 +103,52 @@ class ChatText:
     replaced: tuple[str, ...] = ()
 
 
-def render_chat(tokenizer, messages: Sequence[dict[str, str]], *,
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a message or tool (keys too: a schema's property names)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
+def _substitute(value: Any, replace: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return replace(value)
+    if isinstance(value, dict):
+        return {replace(key) if isinstance(key, str) else key: _substitute(item, replace)
+                for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_substitute(item, replace) for item in value]
+    return value
+
+
+def render_chat(tokenizer, messages: Sequence[dict[str, Any]], *,
+                tools: Sequence[dict[str, Any]] | None = None,
                 add_generation_prompt: bool = True,
                 continue_final_message: bool = False) -> ChatText:
     """The chat template applied to ``messages`` (by default with the generation prompt, as
-    the chat endpoint sends it), each special-token string in their content replaced by a
-    sentinel. Template errors propagate (the caller makes them a 400)."""
+    the chat endpoint sends it) and ``tools`` (function definitions, which the template
+    renders in its own format), each special-token string in any of their strings (content,
+    tool-call arguments, tool descriptions) replaced by a sentinel. Template errors
+    propagate (the caller makes them a 400)."""
     facts = _tokenizer_facts(tokenizer)
-    options = {"add_generation_prompt": add_generation_prompt,
-               "continue_final_message": continue_final_message, "tokenize": False}
-    if facts.specials is None or not any(facts.specials.search(m["content"])
-                                         for m in messages):
+    options: dict[str, Any] = {"add_generation_prompt": add_generation_prompt,
+                               "continue_final_message": continue_final_message,
+                               "tokenize": False}
+    if tools:
+        options["tools"] = [dict(tool) for tool in tools]
+    everything = (messages, tools or ())
+    if facts.specials is None or not any(facts.specials.search(text)
+                                         for text in _strings(everything)):
         text = tokenizer.apply_chat_template(list(messages), **options)
         return ChatText(text, len(text))
     nonce = uuid.uuid4().hex
-    while any(nonce in m["content"] for m in messages):
+    while any(nonce in text for text in _strings(everything)):
         nonce = uuid.uuid4().hex
     replaced: list[str] = []
 
@@ -126,8 +157,13 @@ def render_chat(tokenizer, messages: Sequence[dict[str, str]], *,
         replaced.append(match.group(0))
         return f"kadspecial{nonce}n{len(replaced) - 1}x"
 
-    messages = [{**m, "content": facts.specials.sub(sentinel, m["content"])}
+    def replace(text: str) -> str:
+        return facts.specials.sub(sentinel, text)
+
+    messages = [{**m, **_substitute({k: v for k, v in m.items() if k != "role"}, replace)}
                 for m in messages]
+    if tools:
+        options["tools"] = _substitute(options["tools"], replace)
     text = tokenizer.apply_chat_template(messages, **options)
     pattern = f"kadspecial{nonce}n(\\d+)x"
     chars = len(re.sub(pattern, lambda m: replaced[int(m.group(1))], text))
@@ -150,17 +186,18 @@ def encode_chat(tokenizer, chat: ChatText) -> list[int]:
 
 
 class _Message(Protocol):
-    role: str
-
-    def text(self) -> str: ...
+    def for_template(self) -> dict[str, Any]: ...
 
 
-def render_messages(tokenizer, messages: Sequence[_Message], **options: bool) -> ChatText:
-    """``render_chat`` for a request's messages, shared by the chat and tokenize endpoints
-    so both see the same prompt; a template failure is the request's fault (a 400)."""
+def render_messages(tokenizer, messages: Sequence[_Message],
+                    tools: Sequence[dict[str, Any]] | None = None,
+                    **options: bool) -> ChatText:
+    """``render_chat`` for a request's messages (and tools), shared by the chat and tokenize
+    endpoints so both see the same prompt; a template failure is the request's fault (a
+    400)."""
     try:
-        chat = [{"role": m.role, "content": m.text()} for m in messages]
-        return render_chat(tokenizer, chat, **options)
+        chat = [m.for_template() for m in messages]
+        return render_chat(tokenizer, chat, tools=tools, **options)
     except ValueError as exc:
         raise APIError(400, str(exc), "messages") from exc
     except Exception as exc:

@@ -14,12 +14,14 @@ surrogate, ``"\\ud800"``, which no tokenizer or response can encode).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -31,19 +33,24 @@ from pydantic import (
 from server.alignment import AlignmentSettings
 from server.engine.interface import STRUCTURED_KINDS, StructuredOutput
 from server.errors import APIError, clip
+from server.tool_calls import TOOL_FIELDS, ToolRequest, forced_constraint, tool_request
 
 # Fields that change semantics and are not implemented: a 400 naming the field.
+# ``functions`` / ``function_call``: OpenAI's deprecated forerunners of tools (refused, with a
+# pointer to ``tools`` / ``tool_choice``, as vLLM does not serve them either).
 UNSUPPORTED_FIELDS = (
-    "tools", "tool_choice", "functions", "function_call",
+    "functions", "function_call",
     "best_of", "suffix", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "audio", "modalities",
-    "prediction", "parallel_tool_calls",
+    "prediction",
 )
+_DEPRECATED = {"functions": "tools", "function_call": "tool_choice"}
 # Harmless when set to their "off" value (clients often send these defaults explicitly).
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
 "best_of": (None, 1), "suffix": (None, ""),
-    "parallel_tool_calls": (None, True, False),
-    "tools": (None, []), "tool_choice": (None, "none"),
+    # Tools are a chat feature: on /v1/completions only their "off" values pass.
+    "parallel_tool_calls": (None, True, False), "tools": (None, []),
+    "tool_choice": (None, "none"),
 }
 MAX_N = 16
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI and vLLM's default max_logprobs
@@ -191,14 +198,22 @@ class _Common(BaseModel):
                     if not (v is None and k in _NULL_MEANS_DEFAULT)}
         return data
 
+    # The fields this endpoint refuses (a 400 naming the field unless "off").
+    refused: ClassVar[tuple[str, ...]] = UNSUPPORTED_FIELDS
+
     def reject_unsupported(self) -> None:
         """400 naming the first field that would change the output and is not implemented."""
         extra = self.model_extra or {}
-        for name in UNSUPPORTED_FIELDS:
+        for name in self.refused:
             if name in extra and extra[name] not in _OFF_VALUES.get(name, (None,)):
                 message = f"field '{name}' is not supported by this server"
                 if name.startswith("guided_"):
                     message += "; use structured_outputs (vLLM's current name) instead"
+                if name in _DEPRECATED:
+                    message += (f"; it is deprecated by OpenAI: use '{_DEPRECATED[name]}' "
+                                "instead")
+                if name in TOOL_FIELDS:
+                    message += "; tools are served on /v1/chat/completions"
                 raise APIError(400, message, name, "unsupported_field")
 
     def structured_output(self) -> StructuredOutput | None:
@@ -270,27 +285,91 @@ class _Common(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+def _text_parts(value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    if isinstance(value, str):
+        return _valid_unicode(value)
+    for part in value:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError("only text content parts are supported")
+        _valid_unicode(part["text"])
+    return value
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI returns it
+
+    @field_validator("name", "arguments")
+    @classmethod
+    def _check_text(cls, value: str) -> str:
+        return _valid_unicode(value)
+
+
+class AssistantToolCall(BaseModel):
+    """A call an earlier assistant turn made (``messages[i].tool_calls``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: StrictStr | ContentParts
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    # None only in an assistant turn that made tool calls (OpenAI's rule).
+    content: StrictStr | ContentParts | None = None
     name: str | None = None
+    tool_calls: _list(AssistantToolCall) | None = None  # assistant turns
+    tool_call_id: StrictStr | None = None  # tool turns: the call this answers
 
     @field_validator("content")
     @classmethod
-    def _check_content(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-        if isinstance(value, str):
-            return _valid_unicode(value)
-        for part in value:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            _valid_unicode(part["text"])
-        return value
+    def _check_content(cls, value: str | list[dict[str, Any]] | None,
+                       ) -> str | list[dict[str, Any]] | None:
+        return value if value is None else _text_parts(value)
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant "
+                             "message with tool_calls)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls is only allowed in assistant messages")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs 'tool_call_id' (the call it answers)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part["text"] for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template gets it, as vLLM passes it: tool calls with
+        their arguments as an object (a string that is no JSON object becomes ``{}``, so a
+        bad turn in the history cannot fail every later one), a tool turn's call id."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name,
+                              "arguments": _arguments_object(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _arguments_object(arguments: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(arguments) if arguments else {}
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 Messages = _list(ChatMessage, min_length=1, max_length=MAX_MESSAGES)
@@ -301,6 +380,30 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # OpenAI's tools: validated by vLLM's own request model (``tools``).
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    _tools: ToolRequest | None = PrivateAttr(None)
+    _tools_read: bool = PrivateAttr(False)
+
+    def tools_request(self) -> ToolRequest | None:
+        """The tool fields validated (400 naming the field when malformed); None: no tools."""
+        if not self._tools_read:
+            self._tools = tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
+            self._tools_read = True
+        return self._tools
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The text's constraint: a forced tool call's JSON (``tool_choice`` ``required`` or
+        a named function) or the request's own, never both (vLLM's rule)."""
+        own = super().structured_output()
+        tools = self.tools_request()
+        forced = forced_constraint(tools) if tools is not None else None
+        if forced is not None and own is not None:
+            raise APIError(400, "You can only either use constraints for structured outputs "
+                                "or tools, not both.", "tool_choice")
+        return forced or own
 
     @field_validator("top_logprobs")
     @classmethod
@@ -323,6 +426,7 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
+    refused: ClassVar[tuple[str, ...]] = UNSUPPORTED_FIELDS + TOOL_FIELDS
     prompt: StrictStr | _list(StrictStr) | TokenIds | _list(TokenIds)
     # 0 only with echo: score the prompt, generate nothing (what scoring clients send).
     max_tokens: StrictInt | None = Field(None, ge=0)
@@ -376,7 +480,8 @@ class CompletionRequest(_Common):
 # --- tokenizer endpoints (vLLM's /tokenize, /detokenize) ------------------------------------
 # vLLM's chat-tokenize fields with no counterpart in this server's chat endpoint: a count
 # made with them would not be what /v1/chat/completions sends, so they are refused.
-TOKENIZE_CHAT_UNSUPPORTED = ("tools", "chat_template", "chat_template_kwargs",
+# (``tools`` has one: rendered as the chat endpoint renders them.)
+TOKENIZE_CHAT_UNSUPPORTED = ("chat_template", "chat_template_kwargs",
                              "media_io_kwargs", "mm_processor_kwargs")
 
 
@@ -413,6 +518,12 @@ class TokenizeChatRequest(_TokenizerRequest):
     continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = False
     return_token_strs: StrictBool | None = False
+    tools: Any = None  # rendered by the chat template as /v1/chat/completions renders them
+
+    def template_tools(self) -> tuple[dict[str, Any], ...] | None:
+        """The tools as the chat template gets them (400 naming ``tools`` when malformed)."""
+        tools = tool_request(self.tools, None, None) if self.tools is not None else None
+        return tools.tools if tools is not None else None
 
     @field_validator("continue_final_message")
     @classmethod

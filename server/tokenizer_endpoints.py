@@ -149,6 +149,7 @@ def _validated(body: dict[str, Any]) -> TokenizeCompletionRequest | TokenizeChat
         raise RequestValidationError(exc.errors(include_url=False)) from None
     if isinstance(request, TokenizeChatRequest):
         request.reject_unsupported()
+        request.template_tools()  # malformed tools: the 400 before any tokenizing
     return request
 
 
@@ -239,7 +240,7 @@ def token_ids(tokenizer, request: TokenizeCompletionRequest | TokenizeChatReques
     """What the chat or completions endpoint would send the engine for this input, with the
     tokenizer's special tokens around it when asked. Blocking."""
     if isinstance(request, TokenizeChatRequest):
-        chat = render_messages(tokenizer, request.messages,
+        chat = render_messages(tokenizer, request.messages, tools=request.template_tools(),
                                add_generation_prompt=request.add_generation_prompt,
                                continue_final_message=request.continue_final_message)
         ids = encode_chat(tokenizer, chat)

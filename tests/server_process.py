@@ -19,15 +19,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def launch(tiny_pair, directory: Path, port: int | None = None,
            max_model_len: int = 512, alignment: dict | None = None,
-           gamma: int = 3, server: dict | None = None, engine: dict | None = None) -> dict:
+           gamma: int = 3, server: dict | None = None, engine: dict | None = None,
+           models: dict | None = None) -> dict:
     """`python -m server` on the tiny pair, in a session of its own (so that a test can
     signal its whole process group); its log goes to ``directory/server.log``. ``server``
-    / ``engine``: more ``server.*`` / ``engine.*`` settings (e.g. ``max_waiting_requests``,
-    ``json_compact``)."""
+    / ``engine`` / ``models``: more ``server.*`` / ``engine.*`` / ``models.*`` settings
+    (e.g. ``max_waiting_requests``, ``json_compact``, ``chat_template``)."""
     port = port or free_port()
     config = {
         "models": {"target": str(tiny_pair.target), "draft": str(tiny_pair.draft),
-                   "served_model_name": "kad-tiny"},
+                   "served_model_name": "kad-tiny", **(models or {})},
         "engine": {"num_speculative_tokens": gamma, "dtype": "float32",
                    "max_model_len": max_model_len,
                    "cpu_kv_cache_gib": 1, "max_num_seqs": 32, "enforce_eager": True,

@@ -113,3 +113,40 @@ def test_first_token_of_kad_dual_is_pi_at_full_vocabulary(real_engine, expected)
         [AlignmentSettings(rule="kad_dual", lam=0.4)] * n, timeout=1800)
     counts = Counter(r.token_ids[0] for r in results)
     assert pooled_chi_square_pvalue(counts, pi, n) > 1e-3, tv(counts, pi, n)
+
+
+def test_the_pair_calls_a_function_through_the_openai_client(tmp_path):
+    """tool_choice required, greedy over pi: the real pair asked for the weather calls
+    ``get_weather`` with the city, the call forced by vLLM's JSON schema for required tools
+    under pi. (Under ``auto`` with the hermes parser this pair answers with the call's JSON
+    but without the ``<tool_call>`` tags hermes reads, as its 0.5B draft alone does: plain
+    text, a property of the models.)"""
+    import json
+    from types import SimpleNamespace
+
+    import openai
+    from server_process import launch, stop, wait_until_ready
+
+    pair = SimpleNamespace(target=TARGET, draft=DRAFT)
+    running = launch(pair, tmp_path, gamma=3, max_model_len=2048,
+                     server={"tool_call_parser": "hermes"})
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    try:
+        wait_until_ready(running)
+        client = openai.OpenAI(base_url=f"{running['url']}/v1", api_key="unused",
+                               max_retries=0, timeout=600)
+        choice = client.chat.completions.create(
+            model="kad-tiny", tools=tools, tool_choice="required", parallel_tool_calls=False,
+            temperature=0, max_tokens=64,
+            messages=[{"role": "user", "content": "What is the weather like in Paris?"}],
+        ).choices[0]
+    finally:
+        stop(running)
+    print(choice.model_dump_json())  # shown with -s: the call the pair made
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id
+    assert "paris" in json.loads(call.function.arguments)["city"].lower()
