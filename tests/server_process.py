@@ -4,9 +4,12 @@ engine processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -77,3 +80,15 @@ def stop(server: dict) -> None:
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+@contextlib.contextmanager
+def running_server(tiny_pair, prefix: str, **settings) -> Iterator[dict]:
+    """``launch`` (``settings``: its keyword arguments) in a fresh temporary directory,
+    waited for until ready, and stopped on exit, whatever the test did."""
+    running = launch(tiny_pair, Path(tempfile.mkdtemp(prefix=prefix)), **settings)
+    try:
+        wait_until_ready(running)
+        yield running
+    finally:
+        stop(running)

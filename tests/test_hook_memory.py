@@ -65,7 +65,9 @@ def fake_runner(rows: list[dict]) -> SimpleNamespace:
     req_ids = [row["id"] for row in rows]
     metadata = SimpleNamespace(
         temperature=torch.ones(num_seqs), top_k=None, top_p=None, no_penalties=True,
-        generators={}, max_num_logprobs=TOP, all_greedy=False, all_random=True)
+        generators={}, max_num_logprobs=TOP, all_greedy=False, all_random=True,
+        bad_words_token_ids={}, allowed_token_ids_mask=None,  # nothing forbids a token
+        logitsprocs=SimpleNamespace(non_argmax_invariant=[]))
     return SimpleNamespace(
         vllm_config=SimpleNamespace(additional_config=HookSettings()),
         speculative_config=SimpleNamespace(num_speculative_tokens=GAMMA),

@@ -115,36 +115,61 @@ def test_first_token_of_kad_dual_is_pi_at_full_vocabulary(real_engine, expected)
     assert pooled_chi_square_pvalue(counts, pi, n) > 1e-3, tv(counts, pi, n)
 
 
-def test_the_pair_calls_a_function_through_the_openai_client(tmp_path):
+@pytest.fixture(scope="module")
+def real_client():
+    """The ``openai`` client of a real server on the pair (gamma 3, compact JSON, the
+    hermes tool parser)."""
+    from types import SimpleNamespace
+
+    import openai
+    from server_process import running_server
+
+    with running_server(SimpleNamespace(target=TARGET, draft=DRAFT), "kad-real-",
+                        gamma=3, max_model_len=2048, engine={"json_compact": True},
+                        server={"tool_call_parser": "hermes"}) as running:
+        yield openai.OpenAI(base_url=f"{running['url']}/v1", api_key="unused",
+                            max_retries=0, timeout=600)
+
+
+def test_the_pair_answers_in_a_json_schema_through_the_openai_client(real_client):
+    """response_format from a pydantic model (the client's ``parse``), greedy over pi under
+    kad_dual: the answer parses into the model, and it is the right one."""
+    from pydantic import BaseModel
+
+    class FunctionFacts(BaseModel):
+        language: str
+        function_name: str
+        is_recursive: bool
+
+    completion = real_client.beta.chat.completions.parse(
+        model="kad-tiny", temperature=0, max_tokens=64, response_format=FunctionFacts,
+        messages=[{"role": "user", "content": "Describe `def factorial(n): return 1 if n "
+                   "< 2 else n * factorial(n - 1)` as JSON."}],
+        extra_body={"kad": {"rule": "kad_dual", "lam": 0.4}})
+    print(completion.choices[0].message.content, completion.usage)  # shown with -s
+    facts = completion.choices[0].message.parsed
+    assert facts.function_name == "factorial" and facts.is_recursive
+    assert facts.language.lower() == "python"
+    assert completion.model_extra["kad"]["inexact_tokens"] == 0
+
+
+def test_the_pair_calls_a_function_through_the_openai_client(real_client):
     """tool_choice required, greedy over pi: the real pair asked for the weather calls
     ``get_weather`` with the city, the call forced by vLLM's JSON schema for required tools
     under pi. (Under ``auto`` with the hermes parser this pair answers with the call's JSON
     but without the ``<tool_call>`` tags hermes reads, as its 0.5B draft alone does: plain
     text, a property of the models.)"""
     import json
-    from types import SimpleNamespace
 
-    import openai
-    from server_process import launch, stop, wait_until_ready
-
-    pair = SimpleNamespace(target=TARGET, draft=DRAFT)
-    running = launch(pair, tmp_path, gamma=3, max_model_len=2048,
-                     server={"tool_call_parser": "hermes"})
     tools = [{"type": "function", "function": {
         "name": "get_weather", "description": "Get the current weather in a city.",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                        "required": ["city"]}}}]
-    try:
-        wait_until_ready(running)
-        client = openai.OpenAI(base_url=f"{running['url']}/v1", api_key="unused",
-                               max_retries=0, timeout=600)
-        choice = client.chat.completions.create(
-            model="kad-tiny", tools=tools, tool_choice="required", parallel_tool_calls=False,
-            temperature=0, max_tokens=64,
-            messages=[{"role": "user", "content": "What is the weather like in Paris?"}],
-        ).choices[0]
-    finally:
-        stop(running)
+    choice = real_client.chat.completions.create(
+        model="kad-tiny", tools=tools, tool_choice="required", parallel_tool_calls=False,
+        temperature=0, max_tokens=64,
+        messages=[{"role": "user", "content": "What is the weather like in Paris?"}],
+    ).choices[0]
     print(choice.model_dump_json())  # shown with -s: the call the pair made
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls

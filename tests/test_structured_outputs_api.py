@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -16,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel
-from server_process import launch, stop, wait_until_ready
+from server_process import running_server
 
 MODEL = "kad-tiny"
 SCHEMA = {
@@ -40,13 +38,9 @@ class Verdict(BaseModel):
 
 @pytest.fixture(scope="module")
 def server(tiny_pair):
-    running = launch(tiny_pair, Path(tempfile.mkdtemp(prefix="kad-structured-")), gamma=5,
-                     engine={"json_compact": True})
-    try:
-        wait_until_ready(running)
+    with running_server(tiny_pair, "kad-structured-", gamma=5,
+                        engine={"json_compact": True}) as running:
         yield running["url"]
-    finally:
-        stop(running)
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ function, streamed and not, in OpenAI's shape, with the ``openai`` client."""
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from server_process import launch, stop, wait_until_ready
+from server_process import running_server
 
 MODEL = "kad-tiny"
 TEMPLATE = Path(__file__).parent / "data" / "tool_chat_template.jinja"
@@ -33,15 +32,12 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_pair):
-    running = launch(tiny_pair, Path(tempfile.mkdtemp(prefix="kad-tools-")), gamma=3,
-                     max_model_len=2048,  # the tiny vocabulary spells JSON out
-                     engine={"json_compact": True}, models={"chat_template": str(TEMPLATE)},
-                     server={"tool_call_parser": "hermes"})
-    try:
-        wait_until_ready(running)
+    with running_server(tiny_pair, "kad-tools-", gamma=3,
+                        max_model_len=2048,  # the tiny vocabulary spells JSON out
+                        engine={"json_compact": True},
+                        models={"chat_template": str(TEMPLATE)},
+                        server={"tool_call_parser": "hermes"}) as running:
         yield running["url"]
-    finally:
-        stop(running)
 
 
 @pytest.fixture

@@ -924,8 +924,10 @@ def profile_hook_memory(max_num_seqs: int, gamma: int, vocab: int,
     step: every request verifying ``gamma`` drafts with mixed rules (the chunked path, with
     ``kad_primal``'s search buffers and a greedy row), the raw target logits and the draft
     store's older proposal kept beside vLLM's current one, and logprobs of pi at every
-    position with the top ``PROFILE_TOP_LOGPROBS``. ``tests/test_vllm_pins.py`` checks that
-    its peak is at least the peak of a real step through ``_sample``."""
+    position with the top ``PROFILE_TOP_LOGPROBS``, and a constraint's mask over every
+    verified position (a grammar, bad words, a ban: ``StepInProgress.forbidden``).
+    ``tests/test_hook_memory.py`` checks that its peak is at least the peak of a real step
+    through ``_sample``."""
     num_tokens = max_num_seqs * gamma
     raw = torch.randn(num_tokens + max_num_seqs, vocab, device=device)  # vLLM's logits
     proposal = torch.softmax(torch.randn(max_num_seqs, gamma, vocab, device=device), -1)
@@ -938,15 +940,16 @@ def profile_hook_memory(max_num_seqs: int, gamma: int, vocab: int,
                           greedy=i == 0, logprobs=PROFILE_TOP_LOGPROBS)
         for i in range(max_num_seqs)
     ]
+    forbidden = torch.zeros(num_tokens, vocab, dtype=torch.bool, device=device)
     hook.mix_target_logits(target, q_star, hook.StepPlan.build(
-        rows, num_draft_tokens=[gamma] * max_num_seqs))
+        rows, num_draft_tokens=[gamma] * max_num_seqs), forbidden=forbidden)
     owners = np.repeat(np.arange(max_num_seqs), gamma)
     # _logprobs_under_pi gathers the positions' raw logits and q* (copies) first.
     log_pi = hook.unscaled_log_pi(raw[:num_tokens].clone(), q_star.clone(),
                                   torch.ones(num_tokens, device=device), rows, owners)
     hook.gather_logprobs(log_pi, PROFILE_TOP_LOGPROBS,
                          torch.zeros(num_tokens, dtype=torch.long, device=device))
-    del older, proposal
+    del older, proposal, forbidden
 
 
 def _torch_expand_batch_to_tokens(original):
