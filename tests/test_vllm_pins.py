@@ -486,3 +486,35 @@ def test_the_samplers_the_hook_wraps_are_the_runners_on_every_platform():
     assert issubclass(CPUModelRunner, gpu_model_runner.GPUModelRunner)
     assert "sampler" not in inspect.getsource(CPUModelRunner.__init__).replace(
         "super().__init__", "")
+
+
+def test_logit_biases_reach_every_verified_position_and_a_ban_is_minus_infinity():
+    """``_apply_logit_bias`` with vLLM's own processor state (built by its
+    ``update_state``): at the verified positions each request's biases are added to each
+    of its rows (a -100 bias is -inf); on the sampler's one row per request, already
+    biased by vLLM, only the bans are written."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+
+    processor = LogitBiasLogitsProcessor(None, torch.device("cpu"), False)
+    processor.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
+        (0, SamplingParams(logit_bias={1: 2.0, 3: -100.0}), None, []),
+        (2, SamplingParams(logit_bias={4: -1.5}), None, []),
+    ]))
+    metadata = SimpleNamespace(logitsprocs=SimpleNamespace(non_argmax_invariant=[processor]))
+    positions = [2, 3, 1]  # request-major rows 0-1, 2-4, 5
+    verified = torch.zeros(6, 5)
+    vllm_patches._apply_logit_bias(verified, metadata, positions)
+    expected = torch.zeros(6, 5)
+    expected[0:2, 1] = 2.0
+    expected[0:2, 3] = float("-inf")
+    expected[5, 4] = -1.5
+    torch.testing.assert_close(verified, expected)
+    sampled = torch.ones(3, 5)  # vLLM's sampler already added the biases
+    vllm_patches._apply_logit_bias(sampled, metadata, None)
+    expected = torch.ones(3, 5)
+    expected[0, 3] = float("-inf")
+    torch.testing.assert_close(sampled, expected)

@@ -253,7 +253,9 @@ PINNED_ATTRIBUTES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     ),
     "vllm.v1.spec_decode.metadata.SpecDecodeMetadata": ("draft_token_ids", "num_draft_tokens"),
     "vllm.v1.structured_output.StructuredOutputManager": ("vllm_config",),
-    "vllm.v1.sample.logits_processor.builtin.LogitBiasLogitsProcessor": ("biases",),
+    "vllm.v1.sample.logits_processor.builtin.LogitBiasLogitsProcessor": (
+        "biases", "logits_slice", "bias_tensor",
+    ),
     "vllm.sampling_params.SamplingParams": ("logit_bias", "extra_args"),
     "vllm.v1.sample.logits_processor.builtin.MinTokensLogitsProcessor": ("min_toks",),
 })
@@ -398,30 +400,24 @@ def _is_stats_rank() -> bool:
         return True
 
 
-def _processed_target_probs(step: StepInProgress, batch_rows: list[int],
-                            metadata: Any) -> torch.Tensor:
-    """The target ``p`` of ``batch_rows`` at their one sampled position, as vLLM's sampler
-    samples it: vLLM's processed logits (kept by ``StepInProgress.keep_processed``) after
-    each request's temperature, top-k and top-p."""
+def _processed_target(step: StepInProgress, batch_rows: list[int], metadata: Any,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(p, forbidden)`` of ``batch_rows`` at their one sampled position, as vLLM's
+    sampler samples it: vLLM's processed logits (kept by ``StepInProgress.keep_processed``)
+    after each request's temperature, top-k and top-p; ``forbidden``, the tokens a
+    constraint forbids there (``-inf`` in the processed logits: a grammar's mask, bad
+    words, min tokens, a -100 bias), None when no row of the step is constrained."""
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     x = step.processed_rows(batch_rows)
+    forbidden = torch.isneginf(x) if step.constrained else None
     index = hook.to_device(batch_rows, x.device)
     if metadata.temperature is not None:
         temperature = metadata.temperature.index_select(0, index)
         x.div_(torch.where(temperature < 1e-5, 1.0, temperature).unsqueeze(-1))
     top_k = None if metadata.top_k is None else metadata.top_k.index_select(0, index)
     top_p = None if metadata.top_p is None else metadata.top_p.index_select(0, index)
-    return apply_top_k_top_p(x, top_k, top_p).softmax(dim=-1)
-
-
-def _forbidden_of(step: StepInProgress, batch_rows: list[int]) -> torch.Tensor | None:
-    """The tokens a constraint forbids at ``batch_rows``' sampled position (``-inf`` in
-    vLLM's processed logits: a grammar's mask, bad words, min tokens, a -100 bias); None
-    when no row of the step is constrained."""
-    if not step.constrained:
-        return None
-    return torch.isneginf(step.processed_rows(batch_rows))
+    return apply_top_k_top_p(x, top_k, top_p).softmax(dim=-1), forbidden
 
 
 def _resample_plain_rows(runner: Any, step: StepInProgress,
@@ -440,11 +436,11 @@ def _resample_plain_rows(runner: Any, step: StepInProgress,
         return None, missing
     batch_rows = [i for i, _ in usable]
     metadata = runner.input_batch.sampling_metadata
-    target = _processed_target_probs(step, batch_rows, metadata)
+    target, forbidden = _processed_target(step, batch_rows, metadata)
     q_star = torch.stack([q for _, q in usable]).to(target.device)
     return hook.resample_plain_rows(target, q_star, batch_rows,
                                     _generators_of(metadata, batch_rows), plan,
-                                    _forbidden_of(step, batch_rows)), missing
+                                    forbidden), missing
 
 
 def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, step: StepInProgress,
@@ -456,7 +452,7 @@ def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, step: StepInPr
     metadata = runner.input_batch.sampling_metadata
     batch_rows = list(rows)
     logit_rows = [plan.first_rows[i] for i in rows]
-    target = _processed_target_probs(step, batch_rows, metadata)
+    target, forbidden = _processed_target(step, batch_rows, metadata)
     generators = _generators_of(metadata, batch_rows)
     tokens = hook.sample_from_probs(target, generators)
     greedy = [j for j, i in enumerate(rows) if plan.rows[i].greedy]
@@ -481,7 +477,7 @@ def _sample_for_correction(runner: Any, raw_logits: torch.Tensor, step: StepInPr
         temperature=None if temperature is None else temperature.index_select(
             0, hook.to_device(batch_rows, temperature.device)),
         logprob_rows=logprob_rows, raw_logits=raw, num_logprobs=num_logprobs,
-        forbidden=_forbidden_of(step, batch_rows),
+        forbidden=forbidden,
         output=output, width=output.sampled_token_ids.shape[1])
 
 
@@ -499,7 +495,7 @@ def _sample_padded_rows_from_p(runner: Any, step: StepInProgress,
     if not rows:
         return torch.zeros(0, dtype=torch.long)
     metadata = runner.input_batch.sampling_metadata
-    target = _processed_target_probs(step, rows, metadata)
+    target, _ = _processed_target(step, rows, metadata)
     return hook.sample_from_probs(target, _generators_of(metadata, rows))
 
 
@@ -748,36 +744,31 @@ def _may_forbid(metadata: Any) -> bool:
 def _apply_logit_bias(logits: torch.Tensor, metadata: Any,
                       positions: list[int] | None) -> None:
     """vLLM's logit biases on ``logits`` (in place) with a bias of -100 or below made a
-    ban (``-inf``, so pi forbids the token too: ``hook.BAN_BIAS``). ``positions[i]``:
-    how many rows of ``logits`` batch row ``i`` owns, request-major (the verified draft
-    positions, where vLLM 0.32's rejection sampler applies no bias: every position gets
-    its request's biases); None: one row per request, already biased by vLLM's sampler
-    (only the bans are written)."""
+    ban (``-inf``, so pi forbids the token too: ``hook.BAN_BIAS``), from the processor's
+    own device tensors (``logits_slice``: batch rows and token ids; ``bias_tensor``): no
+    host loop over the biases, no upload. ``positions[i]``: how many rows of ``logits``
+    batch row ``i`` owns, request-major (the verified draft positions, where vLLM 0.32's
+    rejection sampler applies no bias: every position gets its request's biases); None:
+    one row per request, already biased by vLLM's sampler (only the bans are written)."""
     processor = _logit_bias_processor(metadata)
     if processor is None:
         return
-    starts = (np.arange(logits.shape[0]) if positions is None
-              else hook.draft_offsets(positions))
-    rows: list[int] = []
-    tokens: list[int] = []
-    values: list[float] = []
-    for row, biases in processor.biases.items():
-        if positions is not None and row >= len(positions):
-            continue
-        count = 1 if positions is None else positions[row]
-        for token, bias in biases.items():
-            if positions is None and bias > hook.BAN_BIAS:
-                continue  # already added by vLLM's sampler
-            value = float("-inf") if bias <= hook.BAN_BIAS else bias
-            for j in range(count):
-                rows.append(int(starts[row]) + j)
-                tokens.append(token)
-                values.append(value)
-    if rows:
-        device = logits.device
-        logits.index_put_((hook.to_device(rows, device, torch.long),
-                           hook.to_device(tokens, device, torch.long)),
-                          hook.to_device(values, device, logits.dtype), accumulate=True)
+    requests, tokens = (index.long() for index in processor.logits_slice)
+    bias = processor.bias_tensor.to(logits.dtype)
+    banned = bias <= hook.BAN_BIAS
+    if positions is None:
+        logits.index_put_((requests, tokens), torch.where(banned, float("-inf"), 0.0).to(
+            logits.dtype), accumulate=True)
+        return
+    value = torch.where(banned, float("-inf"), bias)
+    starts = hook.to_device(hook.draft_offsets(positions)[:-1], logits.device).index_select(
+        0, requests)
+    counts = hook.to_device(positions, logits.device).index_select(0, requests)
+    for j in range(max(positions, default=0)):
+        # Position j of each biased request that has one; the others add 0 to row 0.
+        here = counts > j
+        logits.index_put_((torch.where(here, starts + j, 0), tokens),
+                          torch.where(here, value, 0.0), accumulate=True)
 
 
 def _wrap_apply_logits_processors(original):
@@ -794,8 +785,9 @@ def _wrap_apply_logits_processors(original):
             plan = step.plan
             _apply_logit_bias(result, sampling_metadata, list(plan.layout))
             padded = [i for i in plan.sampled_here if plan.layout[i] > 0]
-            offsets = plan.offsets()
-            step.keep_processed(result, [int(offsets[i]) for i in padded], padded)
+            if padded:
+                offsets = plan.offsets()
+                step.keep_processed(result, [int(offsets[i]) for i in padded], padded)
             if step.constrained:
                 step.forbidden = torch.isneginf(result)
         return result
